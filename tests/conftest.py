@@ -1,0 +1,66 @@
+"""Shared fixtures: the anyio backends and the real broker.
+
+Every async test runs on trio and on asyncio (anyio's pytest plugin, parametrized by
+``anyio_backend``). Tests that need trio's autojump clock use the ``autojump`` fixture
+instead, which pins the backend to trio.
+
+Broker tests use the broker in ``STRICTCONSUME_URL`` / ``AMQP_URL`` when one is set,
+otherwise the private node of ``scripts/dev-broker`` (started on demand; a second
+start is a no-op, so running pytest directly works too).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import trio.testing
+
+REPO = Path(__file__).resolve().parent.parent
+DEV_BROKER = REPO / "scripts" / "dev-broker"
+
+
+@pytest.fixture(
+    params=[pytest.param("trio", id="trio"), pytest.param("asyncio", id="asyncio")],
+)
+def anyio_backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def mock_clock() -> trio.testing.MockClock:
+    return trio.testing.MockClock(autojump_threshold=0)
+
+
+def external_broker_url() -> str | None:
+    return os.environ.get("STRICTCONSUME_URL") or os.environ.get("AMQP_URL") or None
+
+
+def dev_broker(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run scripts/dev-broker with the given arguments and capture its output."""
+    return subprocess.run(
+        [sys.executable, str(DEV_BROKER), *args],
+        capture_output=True,
+        text=True,
+        check=check,
+        timeout=120,
+    )
+
+
+@pytest.fixture(scope="session")
+def broker_url() -> str:
+    """The AMQP URL of a running broker (started if needed, left running)."""
+    url = external_broker_url()
+    if url is None:
+        url = dev_broker("start").stdout.strip()
+    return url
+
+
+@pytest.fixture(scope="session")
+def broker_ctl() -> None:
+    """Skip the test when the broker is not ours to administer with rabbitmqctl."""
+    if external_broker_url() is not None:
+        pytest.skip("needs `scripts/dev-broker ctl`; the broker comes from STRICTCONSUME_URL")

@@ -1,0 +1,132 @@
+"""The private broker: it comes up, an independent client uses it, and the script's
+lifecycle commands do what they say."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+
+import pika
+import pytest
+
+from .conftest import DEV_BROKER, dev_broker, external_broker_url
+
+pytestmark = pytest.mark.broker
+
+
+def test_independent_client_round_trips_a_message(broker_url: str) -> None:
+    params = pika.URLParameters(broker_url)
+    connection = pika.BlockingConnection(params)
+    try:
+        channel = connection.channel()
+        queue = f"test-dev-broker-{uuid.uuid4().hex}"
+        channel.queue_declare(queue, auto_delete=False, durable=False)
+        channel.confirm_delivery()
+        body = b"hello from pika " + uuid.uuid4().bytes
+        channel.basic_publish("", queue, body, mandatory=True)
+        method, _properties, got = channel.basic_get(queue, auto_ack=True)
+        assert method is not None, "the published message was not in the queue"
+        assert got == body
+        assert channel.queue_declare(queue, passive=True).method.message_count == 0
+        channel.queue_delete(queue)
+    finally:
+        connection.close()
+
+
+def _free_port() -> int:
+    # A port below 44000 whose +10000 and +20000 siblings are free too (the node's
+    # epmd and distribution ports).
+    for _ in range(100):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port > 44000:
+            continue
+        taken = False
+        for candidate in (port, port + 10000, port + 20000):
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", candidate))
+                except OSError:
+                    taken = True
+        if not taken:
+            return port
+    raise RuntimeError("no free port found")
+
+
+@pytest.fixture
+def private_node() -> Iterator[tuple[str, int]]:
+    """A second private node, separate from the session's broker; always stopped."""
+    if external_broker_url() is not None:
+        pytest.skip("dev-broker starts nothing when STRICTCONSUME_URL/AMQP_URL is set")
+    name = f"t{uuid.uuid4().hex[:8]}"
+    port = _free_port()
+    try:
+        yield name, port
+    finally:
+        dev_broker("--name", name, "--port", str(port), "stop", check=False)
+
+
+def _pid_of(name: str, port: int) -> str:
+    status = dev_broker("--name", name, "--port", str(port), "status", check=False)
+    assert status.returncode == 0, status.stdout + status.stderr
+    return status.stdout.split("(pid ")[1].rstrip(")\n")
+
+
+@pytest.mark.slow
+def test_start_twice_gives_one_broker_and_stop_stops_it(private_node: tuple[str, int]) -> None:
+    name, port = private_node
+    args = ("--name", name, "--port", str(port))
+    first = dev_broker(*args, "start")
+    assert first.stdout.strip() == f"amqp://guest:guest@127.0.0.1:{port}/"
+    pid = _pid_of(name, port)
+
+    second = dev_broker(*args, "start")
+    assert second.stdout.strip() == first.stdout.strip()
+    assert _pid_of(name, port) == pid, "a second start must reuse the running node"
+    assert "ready" not in second.stderr, "a second start must not boot another node"
+
+    dev_broker(*args, "stop")
+    status = dev_broker(*args, "status", check=False)
+    assert status.returncode == 3
+    assert status.stdout.strip() == "stopped"
+    with socket.socket() as s:
+        assert s.connect_ex(("127.0.0.1", port)) != 0, "the AMQP port still answers"
+
+
+def test_taken_port_gives_a_clear_error_naming_it(private_node: tuple[str, int]) -> None:
+    name, port = private_node
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", port))
+        squatter.listen()
+        result = dev_broker("--name", name, "--port", str(port), "start", check=False)
+    assert result.returncode != 0
+    assert f"port {port}" in result.stderr
+    assert "already in use" in result.stderr
+    assert result.stdout == ""
+
+
+def test_url_prefers_the_environment() -> None:
+    env_url = "amqp://someone:s3cret@broker.invalid:5672/%2F"
+    result = subprocess.run(
+        [sys.executable, str(DEV_BROKER), "url"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "STRICTCONSUME_URL": env_url},
+        check=True,
+    )
+    assert result.stdout.strip() == env_url
+    status = subprocess.run(
+        [sys.executable, str(DEV_BROKER), "status"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "STRICTCONSUME_URL": env_url},
+        check=False,
+    )
+    assert status.returncode == 0
+    assert "s3cret" not in status.stdout, "status must not print the password"
+    assert "someone:***@broker.invalid" in status.stdout
