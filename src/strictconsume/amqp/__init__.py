@@ -10,6 +10,14 @@ Usable on its own::
 
 from __future__ import annotations
 
+from pamqp.commands import Basic as _Basic
+
+from ._channel import Channel as Channel
+from ._channel import Consumer as Consumer
+from ._channel import QueueDeclareOk as QueueDeclareOk
+from ._connection import Connection as Connection
+from ._connection import connect as connect
+from ._connection import connect_stream as connect_stream
 from ._errors import AMQPError as AMQPError
 from ._errors import ChannelClosed as ChannelClosed
 from ._errors import ConnectionClosed as ConnectionClosed
@@ -19,3 +27,12 @@ from ._errors import LocalProtocolError as LocalProtocolError
 from ._errors import MessageReturned as MessageReturned
 from ._errors import PublishNacked as PublishNacked
 from ._errors import RemoteProtocolError as RemoteProtocolError
+from ._protocol import Delivery as Delivery
+from ._protocol import GetResult as GetResult
+from ._url import ConnectionParameters as ConnectionParameters
+from ._url import parse_url as parse_url
+from ._url import redact_url as redact_url
+
+#: Message properties (content_type, headers, message_id, delivery_mode, ...): pamqp's
+#: ``Basic.Properties``, so that no per-message conversion is needed.
+Properties = _Basic.Properties

@@ -1,0 +1,546 @@
+"""The anyio I/O shell around the sans-IO core: sockets, tasks, waiting.
+
+Structure (nothing here knows AMQP's wire format; that is ``_protocol``):
+
+- :func:`connect` opens TCP or TLS, then runs three tasks in a task group that the
+  connection owns: the *reader* (bytes -> core -> events -> channels), the *writer*
+  (everything the core queued -> the socket, in as few writes as possible), and the
+  *heartbeat* (a heartbeat frame after half an interval without sending; the
+  connection fails after two intervals without receiving).
+- Callers never write to the socket themselves: a call asks the core for a frame and
+  wakes the writer. Acks therefore cost no round trip and coalesce into one write
+  under load; a caller only waits when more than :data:`WRITE_HIGH_WATER` bytes are
+  queued (backpressure).
+- Failure is structured: when the connection breaks (EOF, reset, garbage, heartbeat
+  timeout, connection.close from the broker) every waiter fails with the error, the
+  body of ``async with connect(...)`` is cancelled, and the ``async with`` raises the
+  error (:class:`ConnectionLost`, :class:`ConnectionClosed` or
+  :class:`RemoteProtocolError`), never an exception group.
+- OS, TLS and anyio errors are translated to :class:`ConnectionLost` in one place
+  (:func:`_transport_errors`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import ssl
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import anyio
+import anyio.abc
+import attrs
+
+from ._channel import WRITE_HIGH_WATER, Channel
+from ._errors import (
+    AMQPError,
+    ConnectionClosed,
+    ConnectionLost,
+    LocalProtocolError,
+)
+from ._protocol import (
+    ChannelCloseCompleted,
+    ChannelClosedByBroker,
+    ChannelFlow,
+    ChannelOpened,
+    ConnectionBlocked,
+    ConnectionCloseCompleted,
+    ConnectionClosedByBroker,
+    ConnectionOpened,
+    ConnectionState,
+    ConnectionUnblocked,
+    ConsumerCancelledByBroker,
+    Credentials,
+    Delivery,
+    Event,
+    GetResult,
+    HeartbeatReceived,
+    MethodReceived,
+    ProtocolConnection,
+    PublishConfirmed,
+    Returned,
+)
+from ._url import ConnectionParameters, parse_url
+from ._waiter import Waiter
+
+__all__ = ["Connection", "connect", "connect_stream"]
+
+logger = logging.getLogger("strictconsume.amqp")
+
+#: How many bytes the reader asks the socket for at once.
+READ_SIZE = 256 * 1024
+#: How long closing a channel or the connection may take before we give up on the
+#: broker's close-ok and drop the socket.
+CLOSE_TIMEOUT = 5.0
+
+
+@contextlib.contextmanager
+def _transport_errors(params: ConnectionParameters, doing: str) -> Iterator[None]:
+    """Translate OS, TLS and anyio stream errors into :class:`ConnectionLost`."""
+    try:
+        yield
+    except (anyio.EndOfStream, anyio.IncompleteRead) as exc:
+        raise ConnectionLost(f"the broker at {params.url} closed the connection {doing}") from exc
+    except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError, ssl.SSLError) as exc:
+        cause = exc.__cause__ if isinstance(exc, anyio.BrokenResourceError) else exc
+        raise ConnectionLost(
+            f"the connection to {params.url} broke {doing}: {cause or type(exc).__name__}"
+        ) from exc
+
+
+class Connection:
+    """An open AMQP connection; get one with :func:`connect`.
+
+    Attributes:
+        params: Where it is connected (the password never shows in its repr).
+        server_properties: What the broker said about itself in connection.start.
+    """
+
+    def __init__(self, params: ConnectionParameters) -> None:
+        self.params = params
+        self._core = ProtocolConnection(
+            credentials=Credentials(params.username, params.password),
+            vhost=params.vhost,
+            auth_mechanism=params.auth_mechanism,
+            channel_max=params.channel_max,
+            frame_max=params.frame_max,
+            heartbeat=params.heartbeat,
+        )
+        self._stream: anyio.abc.ByteStream | None = None
+        self._task_group: anyio.abc.TaskGroup | None = None
+        self._channels: dict[int, Channel] = {}
+        self._error: AMQPError | None = None
+        self._opened: Waiter[None] = Waiter()
+        self._closed: Waiter[None] = Waiter()
+        self._write_wanted = anyio.Event()
+        self._drained = anyio.Event()
+        self._last_sent = 0.0
+        self._last_received = 0.0
+        self._blocked_reason: str | None = None
+        self._unblocked = anyio.Event()
+        self._unblocked.set()
+        self.server_properties: dict[str, object] = {}
+
+    def __repr__(self) -> str:
+        state = "failed" if self._error is not None else self._core.state.name.lower()
+        return f"<strictconsume.amqp.Connection {self.params.url} {state}>"
+
+    # -- public ------------------------------------------------------------------------
+
+    @property
+    def is_open(self) -> bool:
+        """True while the connection can be used."""
+        return self._error is None and self._core.state is ConnectionState.OPEN
+
+    @property
+    def blocked(self) -> str | None:
+        """The broker's reason while it blocks publishing (connection.blocked), else None.
+
+        RabbitMQ blocks connections that publish when a memory or disk alarm is in
+        force; publishes then wait (their confirms do not arrive) until it lifts.
+        """
+        return self._blocked_reason
+
+    async def wait_unblocked(self) -> None:
+        """Return once the broker does not block this connection (at once if it does not)."""
+        await self._unblocked.wait()
+
+    @property
+    def heartbeat(self) -> int:
+        """The negotiated heartbeat interval in seconds (0: none)."""
+        return self._core.heartbeat
+
+    @property
+    def frame_max(self) -> int:
+        """The negotiated largest frame size in bytes."""
+        return self._core.frame_max
+
+    @property
+    def channel_max(self) -> int:
+        """The negotiated highest channel number."""
+        return self._core.channel_max
+
+    @contextlib.asynccontextmanager
+    async def channel(self, *, confirms: bool = False) -> AsyncIterator[Channel]:
+        """Open a channel; it is closed (channel.close) when the block exits.
+
+        Args:
+            confirms: Put the channel in publisher-confirm mode: :meth:`Channel.publish`
+                then returns only once the broker has taken responsibility for the
+                message, and raises if it did not.
+
+        A channel error (the broker's channel.close, for example 404 NOT_FOUND on a
+        passive declare) closes that channel only: its calls raise
+        :class:`ChannelClosed`, the connection and its other channels go on.
+        """
+        self._check_open()
+        channel_id = self._core.open_channel()
+        ch = Channel(self, channel_id)
+        self._channels[channel_id] = ch
+        waiter = ch._expect_open()
+        self._wake_writer()
+        try:
+            try:
+                await waiter.wait()
+                if confirms:
+                    await ch._enable_confirms()
+            except BaseException:
+                await self._close_channel(ch)
+                raise
+            yield ch
+        finally:
+            await self._close_channel(ch)
+
+    # -- internals used by Channel ----------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._error is not None:
+            raise self._error
+        if self._core.state is not ConnectionState.OPEN:
+            raise LocalProtocolError(
+                f"the connection to {self.params.url} is {self._core.state.name.lower()}, not open"
+            )
+
+    def _wake_writer(self) -> None:
+        self._write_wanted.set()
+
+    async def _wait_writable(self) -> None:
+        """Wait while too many bytes are queued for the socket (backpressure)."""
+        while self._core.bytes_pending() > WRITE_HIGH_WATER and self._error is None:
+            self._wake_writer()
+            if self._drained.is_set():
+                self._drained = anyio.Event()
+            await self._drained.wait()
+        if self._error is not None:
+            raise self._error
+
+    async def _close_channel(self, ch: Channel) -> None:
+        """Close ``ch`` with channel.close and wait for close-ok, shielded and bounded."""
+        waiter = ch._start_close()
+        if waiter is not None and self._error is None and self._core.state is ConnectionState.OPEN:
+            self._core.close_channel(ch.channel_id)
+            self._wake_writer()
+            with anyio.move_on_after(CLOSE_TIMEOUT, shield=True):
+                await waiter.wait()
+        ch._fail(LocalProtocolError(f"channel {ch.channel_id} is closed"))
+        if self._channels.get(ch.channel_id) is ch:
+            # Closed without close-ok (timeout): frames for this id are discarded by
+            # the core until its close-ok arrives, so nobody needs the object.
+            del self._channels[ch.channel_id]
+
+    # -- the tasks ----------------------------------------------------------------------
+
+    def _fail(self, error: AMQPError) -> None:
+        """The connection is dead: fail every waiter and cancel the connection's scope."""
+        if self._error is not None:
+            return
+        self._error = error
+        self._opened.fail(error)
+        self._closed.fail(error)
+        for ch in list(self._channels.values()):
+            ch._fail(error)
+        self._channels.clear()
+        self._drained.set()
+        self._unblocked.set()
+        if self._task_group is not None:
+            self._task_group.cancel_scope.cancel()
+
+    async def _reader(self) -> None:
+        assert self._stream is not None
+        stream = self._stream
+        core = self._core
+        doing = "while reading"
+        try:
+            while True:
+                if core.state is ConnectionState.CLOSED:
+                    return
+                with _transport_errors(self.params, doing):
+                    data = await stream.receive(READ_SIZE)
+                self._last_received = anyio.current_time()
+                for event in core.receive_data(data):
+                    self._handle(event)
+                if core.bytes_pending():
+                    self._wake_writer()
+        except ConnectionLost as exc:
+            if core.state is ConnectionState.CLOSED:
+                return  # the broker dropped the socket after close-ok: expected
+            error = exc
+            if core.state not in (ConnectionState.OPEN, ConnectionState.CLOSING):
+                error = ConnectionLost(
+                    f"the broker at {self.params.url} closed the connection during the "
+                    f"handshake (state {core.state.name}); this happens with wrong "
+                    "credentials on brokers that do not report them, or an unacceptable "
+                    "frame_max/heartbeat"
+                )
+                error.__cause__ = exc
+            self._fail(error)
+        except AMQPError as exc:
+            self._fail(exc)
+
+    def _handle(self, event: Event) -> None:
+        """Route one event from the core to whoever waits for it."""
+        if isinstance(event, Delivery):
+            ch = self._channels.get(event.channel_id)
+            if ch is not None:
+                ch._on_delivery(event)
+        elif isinstance(event, PublishConfirmed):
+            ch = self._channels.get(event.channel_id)
+            if ch is not None:
+                ch._on_confirm(event)
+        elif isinstance(event, MethodReceived):
+            ch = self._channels.get(event.channel_id)
+            if ch is not None:
+                ch._on_method(event.method)
+        elif isinstance(event, HeartbeatReceived):
+            pass
+        elif isinstance(event, Returned):
+            ch = self._channels.get(event.channel_id)
+            if ch is not None:
+                ch._on_return(event)
+        elif isinstance(event, GetResult):
+            ch = self._channels.get(event.channel_id)
+            if ch is not None:
+                ch._on_get_result(event)
+        elif isinstance(event, ChannelOpened):
+            ch = self._channels.get(event.channel_id)
+            if ch is not None:
+                ch._on_opened()
+        elif isinstance(event, ChannelCloseCompleted):
+            ch = self._channels.pop(event.channel_id, None)
+            if ch is not None:
+                ch._on_close_completed()
+        elif isinstance(event, ChannelClosedByBroker):
+            ch = self._channels.pop(event.channel_id, None)
+            if ch is not None:
+                ch._on_closed_by_broker(event)
+        elif isinstance(event, ConsumerCancelledByBroker):
+            ch = self._channels.get(event.channel_id)
+            if ch is not None:
+                ch._on_consumer_cancelled(event.consumer_tag)
+        elif isinstance(event, ChannelFlow):
+            ch = self._channels.get(event.channel_id)
+            if ch is not None:
+                ch._on_flow(event.active)
+        elif isinstance(event, ConnectionOpened):
+            self.server_properties = event.server_properties
+            self._opened.resolve(None)
+        elif isinstance(event, ConnectionBlocked):
+            logger.warning("the broker at %s blocks publishing: %s", self.params.url, event.reason)
+            self._blocked_reason = event.reason or "blocked"
+            if self._unblocked.is_set():
+                self._unblocked = anyio.Event()
+        elif isinstance(event, ConnectionUnblocked):
+            logger.info("the broker at %s no longer blocks publishing", self.params.url)
+            self._blocked_reason = None
+            self._unblocked.set()
+        elif isinstance(event, ConnectionCloseCompleted):
+            self._closed.resolve(None)
+        elif isinstance(event, ConnectionClosedByBroker):
+            context = ""
+            if event.reply_code in (403, 530) and not self._opened.done:
+                context = (
+                    f"logging in as {self.params.username!r} to vhost {self.params.vhost!r} "
+                    f"at {self.params.url}"
+                )
+            error = ConnectionClosed(
+                event.reply_code,
+                event.reply_text,
+                event.class_id,
+                event.method_id,
+                context=context or f"connection to {self.params.url}",
+            )
+            self._wake_writer()  # the core queued close-ok
+            self._fail(error)
+        else:  # pragma: no cover - the union is exhaustive
+            raise AssertionError(f"unhandled event {event!r}")
+
+    async def _writer(self) -> None:
+        assert self._stream is not None
+        stream = self._stream
+        core = self._core
+        try:
+            while True:
+                await self._write_wanted.wait()
+                self._write_wanted = anyio.Event()
+                data = core.data_to_send()
+                while data:
+                    with _transport_errors(self.params, "while writing"):
+                        await stream.send(data)
+                    self._last_sent = anyio.current_time()
+                    data = core.data_to_send()
+                self._drained.set()
+        except ConnectionLost as exc:
+            self._fail(exc)
+
+    async def _heartbeat(self) -> None:
+        interval = self._core.heartbeat
+        if interval <= 0:
+            return
+        send_every = interval / 2
+        silent_limit = 2 * interval
+        while True:
+            now = anyio.current_time()
+            dead_at = self._last_received + silent_limit
+            if now >= dead_at:
+                self._fail(
+                    ConnectionLost(
+                        f"the broker at {self.params.url} sent nothing for {silent_limit:g} s "
+                        f"(two heartbeat intervals of {interval} s); the broker or the "
+                        "network is down or frozen"
+                    )
+                )
+                return
+            send_at = self._last_sent + send_every
+            if now >= send_at:
+                self._core.send_heartbeat()
+                self._last_sent = now
+                self._wake_writer()
+                send_at = now + send_every
+            await anyio.sleep_until(min(dead_at, send_at))
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    async def _handshake(self) -> bool:
+        """Run the handshake; False (with ``_error`` set) when it failed."""
+        self._core.initiate()
+        self._last_sent = self._last_received = anyio.current_time()
+        self._wake_writer()
+        try:
+            await self._opened.wait()
+        except AMQPError:
+            return False
+        return True
+
+    async def _close(self) -> None:
+        """Close with connection.close and wait for close-ok (shielded, bounded)."""
+        if self._error is not None or self._core.state is not ConnectionState.OPEN:
+            return
+        for ch in list(self._channels.values()):
+            ch._fail(LocalProtocolError(f"channel {ch.channel_id} closed with its connection"))
+        self._core.close()
+        self._wake_writer()
+        with anyio.move_on_after(CLOSE_TIMEOUT, shield=True):
+            with contextlib.suppress(AMQPError):
+                await self._closed.wait()
+
+
+@contextlib.asynccontextmanager
+async def connect(
+    url: str | ConnectionParameters,
+    *,
+    ssl_context: ssl.SSLContext | None = None,
+    heartbeat: int | None = None,
+    connection_timeout: float | None = None,
+) -> AsyncIterator[Connection]:
+    """Connect to a broker; the connection is closed cleanly when the block exits.
+
+    Args:
+        url: ``amqp://user:password@host:port/vhost?heartbeat=30`` or ``amqps://...``
+            (see :func:`parse_url`), or parsed :class:`ConnectionParameters`.
+        ssl_context: The TLS context for ``amqps``; by default one that verifies the
+            broker against the system's CAs (or the URL's ``cafile``).
+        heartbeat: Overrides the URL's heartbeat (seconds; 0 disables, None accepts
+            the broker's proposal).
+        connection_timeout: Overrides the URL's limit (seconds) on TCP connect, TLS
+            and the AMQP handshake, each.
+
+    Raises:
+        ConnectionLost: the broker cannot be reached, or the connection broke.
+        ConnectionClosed: the broker refused or closed the connection (for example
+            403 ACCESS_REFUSED for a wrong password, 530 NOT_ALLOWED for an unknown
+            vhost, 320 CONNECTION_FORCED when an operator closed it).
+        RemoteProtocolError: the peer does not speak AMQP 0-9-1 correctly.
+        ValueError: the URL is malformed.
+    """
+    params = parse_url(url) if isinstance(url, str) else url
+    if heartbeat is not None:
+        params = _evolve(params, heartbeat=heartbeat)
+    if connection_timeout is not None:
+        params = _evolve(params, connection_timeout=connection_timeout)
+    try:
+        with anyio.fail_after(params.connection_timeout):
+            stream = await _open_stream(params, ssl_context)
+    except TimeoutError:
+        raise ConnectionLost(
+            f"could not connect to {params.url} within {params.connection_timeout:g} s"
+        ) from None
+    async with connect_stream(stream, params) as conn:
+        yield conn
+
+
+@contextlib.asynccontextmanager
+async def connect_stream(
+    stream: anyio.abc.ByteStream, params: ConnectionParameters | None = None
+) -> AsyncIterator[Connection]:
+    """Run the client over an already open byte stream (a proxy, a Unix socket, a test).
+
+    Args:
+        stream: Any anyio byte stream to the broker; it is closed on exit.
+        params: Credentials, vhost and tuning; ``host`` and ``port`` are only used in
+            messages. Defaults to guest/guest on vhost ``/``.
+
+    The handshake must complete within ``params.connection_timeout``; otherwise it is
+    the same as :func:`connect`.
+    """
+    params = params if params is not None else ConnectionParameters()
+    conn = Connection(params)
+    conn._stream = stream
+    body_error: BaseException | None = None
+    try:
+        async with anyio.create_task_group() as tg:
+            conn._task_group = tg
+            tg.start_soon(conn._reader)
+            tg.start_soon(conn._writer)
+            opened = False
+            with anyio.move_on_after(params.connection_timeout):
+                opened = await conn._handshake()
+            if not opened and conn._error is None:
+                conn._fail(
+                    ConnectionLost(
+                        f"the broker at {params.url} did not complete the AMQP handshake "
+                        f"within {params.connection_timeout:g} s"
+                    )
+                )
+            if opened:
+                tg.start_soon(conn._heartbeat)
+                try:
+                    yield conn
+                except BaseException as exc:  # re-raised below, outside the task group
+                    body_error = exc
+                await conn._close()
+            tg.cancel_scope.cancel()
+    finally:
+        await anyio.aclose_forcefully(stream)
+    error = conn._error
+    if error is not None and (
+        body_error is None or isinstance(body_error, anyio.get_cancelled_exc_class() | AMQPError)
+    ):
+        raise error
+    if body_error is not None:
+        raise body_error
+
+
+async def _open_stream(
+    params: ConnectionParameters, ssl_context: ssl.SSLContext | None
+) -> anyio.abc.ByteStream:
+    """Open TCP, or TLS for ``amqps``, to the broker."""
+    if params.tls and ssl_context is None:
+        ssl_context = ssl.create_default_context(cafile=params.cafile)
+        if params.certfile:
+            ssl_context.load_cert_chain(params.certfile, params.keyfile)
+    with _transport_errors(params, "while connecting"):
+        if params.tls:
+            return await anyio.connect_tcp(
+                params.host,
+                params.port,
+                tls=True,
+                ssl_context=ssl_context,
+                tls_hostname=params.server_hostname or params.host,
+                tls_standard_compatible=False,
+            )
+        return await anyio.connect_tcp(params.host, params.port)
+
+
+def _evolve(params: ConnectionParameters, **changes: Any) -> ConnectionParameters:
+    return attrs.evolve(params, **changes)

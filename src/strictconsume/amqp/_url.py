@@ -1,0 +1,163 @@
+"""AMQP URLs: parsing into :class:`ConnectionParameters`, and redaction.
+
+``amqp[s]://user:password@host:port/vhost?heartbeat=30&connection_timeout=10``
+
+- The vhost is the percent-decoded path without its leading ``/``; an empty path
+  (``amqp://host`` or ``amqp://host/``) means the default vhost ``/``, as pika and
+  aiormq read it; write ``%2F`` for ``/`` explicitly or ``/%2Fshop`` for ``/shop``.
+- The default port is 5672 for ``amqp`` and 5671 for ``amqps``; user and password
+  default to ``guest``.
+- Query parameters: ``heartbeat`` (seconds; 0 disables), ``connection_timeout``
+  (seconds, for TCP connect plus handshake), ``frame_max``, ``channel_max``,
+  ``auth_mechanism`` (``PLAIN`` or ``EXTERNAL``), and for TLS ``cafile``,
+  ``certfile``, ``keyfile``, ``server_hostname``. An unknown parameter is an error,
+  not silently ignored: a typo in ``heartbeat`` would otherwise go unnoticed.
+
+A password never appears in a repr, an error message or a log line: use
+:func:`redact_url` to show a URL.
+"""
+
+from __future__ import annotations
+
+import urllib.parse
+
+import attrs
+
+__all__ = ["ConnectionParameters", "parse_url", "redact_url"]
+
+_DEFAULT_PORTS = {"amqp": 5672, "amqps": 5671}
+_INT_PARAMS = {"heartbeat", "frame_max", "channel_max"}
+_FLOAT_PARAMS = {"connection_timeout"}
+_STR_PARAMS = {"auth_mechanism", "cafile", "certfile", "keyfile", "server_hostname"}
+
+
+@attrs.frozen
+class ConnectionParameters:
+    """Where and how to connect; built by :func:`parse_url`."""
+
+    host: str = "localhost"
+    port: int = 5672
+    username: str = "guest"
+    password: str = attrs.field(default="guest", repr=False)
+    vhost: str = "/"
+    tls: bool = False
+    heartbeat: int | None = None
+    connection_timeout: float = 10.0
+    frame_max: int = 131072
+    channel_max: int = 2047
+    auth_mechanism: str = "PLAIN"
+    cafile: str | None = None
+    certfile: str | None = None
+    keyfile: str | None = None
+    server_hostname: str | None = None
+
+    @property
+    def url(self) -> str:
+        """The URL with the password replaced by ``***``, for messages and logs."""
+        scheme = "amqps" if self.tls else "amqp"
+        user = urllib.parse.quote(self.username, safe="")
+        vhost = urllib.parse.quote(self.vhost, safe="")
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{scheme}://{user}:***@{host}:{self.port}/{vhost}"
+
+
+def redact_url(url: str) -> str:
+    """Return ``url`` with any password replaced by ``***``.
+
+    Works on malformed URLs too (it never raises), so that an error about a bad URL
+    can quote it safely.
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url if "@" not in url else "***@" + url.rsplit("@", 1)[1]
+    netloc, slash, tail = rest.partition("/")
+    if "@" not in netloc:
+        return url
+    userinfo, _, hostport = netloc.rpartition("@")
+    user = userinfo.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{hostport}{slash}{tail}"
+
+
+def _fail(url: str, problem: str) -> ValueError:
+    return ValueError(f"invalid AMQP URL {redact_url(url)!r}: {problem}")
+
+
+def parse_url(url: str) -> ConnectionParameters:
+    """Parse an ``amqp://`` or ``amqps://`` URL.
+
+    Args:
+        url: The URL, for example ``amqp://guest:guest@localhost:5672/%2F?heartbeat=30``.
+
+    Returns:
+        The connection parameters.
+
+    Raises:
+        TypeError: ``url`` is not a string.
+        ValueError: the URL is malformed; the message names the problem and shows the
+            URL without its password.
+    """
+    if not isinstance(url, str):
+        raise TypeError(f"url must be a str, not {type(url).__name__}")
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise _fail(url, str(exc)) from None
+    scheme = parts.scheme.lower()
+    if scheme not in _DEFAULT_PORTS:
+        raise _fail(url, f"the scheme must be amqp or amqps, not {parts.scheme!r}")
+    if parts.fragment:
+        raise _fail(url, "a fragment (#...) has no meaning in an AMQP URL")
+    host = parts.hostname or "localhost"
+    path = parts.path
+    if path.startswith("/"):
+        path = path[1:]
+    if "/" in path:
+        raise _fail(url, "the vhost must be one path segment; write '/' in a vhost as %2F")
+    vhost = urllib.parse.unquote(path) or "/"
+    username = urllib.parse.unquote(parts.username) if parts.username is not None else "guest"
+    password = urllib.parse.unquote(parts.password) if parts.password is not None else "guest"
+    fields: dict[str, object] = {}
+    try:
+        query = urllib.parse.parse_qs(parts.query, keep_blank_values=True, strict_parsing=False)
+    except ValueError as exc:  # pragma: no cover - parse_qs is lenient
+        raise _fail(url, str(exc)) from None
+    for name, values in query.items():
+        value = values[-1]
+        if name in _INT_PARAMS:
+            try:
+                number = int(value)
+            except ValueError:
+                raise _fail(url, f"{name} must be an integer, not {value!r}") from None
+            if number < 0:
+                raise _fail(url, f"{name} must not be negative, not {number}")
+            fields[name] = number
+        elif name in _FLOAT_PARAMS:
+            try:
+                seconds = float(value)
+            except ValueError:
+                raise _fail(url, f"{name} must be a number of seconds, not {value!r}") from None
+            if not seconds > 0:
+                raise _fail(url, f"{name} must be positive, not {value!r}")
+            fields[name] = seconds
+        elif name in _STR_PARAMS:
+            fields[name] = value
+        else:
+            known = ", ".join(sorted(_INT_PARAMS | _FLOAT_PARAMS | _STR_PARAMS))
+            raise _fail(url, f"unknown query parameter {name!r} (known: {known})")
+    mechanism = str(fields.pop("auth_mechanism", "PLAIN")).upper()
+    if mechanism not in ("PLAIN", "EXTERNAL"):
+        raise _fail(url, f"auth_mechanism must be PLAIN or EXTERNAL, not {mechanism!r}")
+    frame_max = fields.get("frame_max")
+    if isinstance(frame_max, int) and frame_max != 0 and frame_max < 4096:
+        raise _fail(url, f"frame_max must be 0 (no limit) or at least 4096, not {frame_max}")
+    return ConnectionParameters(
+        host=host,
+        port=port if port is not None else _DEFAULT_PORTS[scheme],
+        username=username,
+        password=password,
+        vhost=vhost,
+        tls=scheme == "amqps",
+        auth_mechanism=mechanism,
+        **fields,  # type: ignore[arg-type]
+    )

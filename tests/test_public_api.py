@@ -1,0 +1,59 @@
+"""The public surface: every name users rely on exists, and nothing private leaks."""
+
+from __future__ import annotations
+
+import strictconsume
+import strictconsume.amqp
+
+AMQP_NAMES = {
+    "AMQPError",
+    "Channel",
+    "ChannelClosed",
+    "ConnectionClosed",
+    "ConnectionLost",
+    "ConnectionParameters",
+    "Connection",
+    "Consumer",
+    "ConsumerCancelled",
+    "Delivery",
+    "GetResult",
+    "LocalProtocolError",
+    "MessageReturned",
+    "Properties",
+    "PublishNacked",
+    "QueueDeclareOk",
+    "RemoteProtocolError",
+    "connect",
+    "connect_stream",
+    "parse_url",
+    "redact_url",
+}
+
+
+def _public(module: object) -> set[str]:
+    # `annotations` is the `from __future__ import annotations` feature object.
+    return {name for name in vars(module) if not name.startswith("_")} - {"annotations"}
+
+
+def test_amqp_public_names() -> None:
+    public = _public(strictconsume.amqp)
+    assert public == AMQP_NAMES
+
+
+def test_public_objects_do_not_claim_private_homes() -> None:
+    for name in AMQP_NAMES - {"Properties"}:
+        obj = getattr(strictconsume.amqp, name)
+        module = getattr(obj, "__module__", "")
+        assert module.startswith("strictconsume.amqp"), (name, module)
+
+
+def test_errors_share_one_base() -> None:
+    for name in AMQP_NAMES:
+        obj = getattr(strictconsume.amqp, name)
+        if isinstance(obj, type) and issubclass(obj, Exception):
+            assert issubclass(obj, strictconsume.amqp.AMQPError), name
+
+
+def test_version() -> None:
+    assert isinstance(strictconsume.__version__, str)
+    assert strictconsume.__version__[0].isdigit()
