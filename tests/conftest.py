@@ -1,8 +1,8 @@
 """Shared fixtures: the anyio backends and the real broker.
 
 Every async test runs on trio and on asyncio (anyio's pytest plugin, parametrized by
-``anyio_backend``). Tests that need trio's autojump clock use the ``autojump`` fixture
-instead, which pins the backend to trio.
+``anyio_backend``). Tests that need trio's autojump clock pin the backend to
+``("trio", {"clock": MockClock(autojump_threshold=0)})``.
 
 Broker tests use the broker in ``STRICTCONSUME_URL`` / ``AMQP_URL`` when one is set,
 otherwise the private node of ``scripts/dev-broker`` (started on demand; a second
@@ -17,7 +17,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import trio.testing
 
 REPO = Path(__file__).resolve().parent.parent
 DEV_BROKER = REPO / "scripts" / "dev-broker"
@@ -28,11 +27,6 @@ DEV_BROKER = REPO / "scripts" / "dev-broker"
 )
 def anyio_backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
-
-
-@pytest.fixture
-def mock_clock() -> trio.testing.MockClock:
-    return trio.testing.MockClock(autojump_threshold=0)
 
 
 def external_broker_url() -> str | None:

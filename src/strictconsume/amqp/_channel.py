@@ -16,6 +16,7 @@ arrive right after basic.consume-ok, in the same read, already have a home.
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import math
 from collections import deque
@@ -25,7 +26,7 @@ from typing import TYPE_CHECKING
 import anyio
 import attrs
 from pamqp import commands
-from pamqp.common import Arguments
+from pamqp.common import Arguments, FieldTable, FieldValue
 
 from ._errors import (
     AMQPError,
@@ -63,6 +64,29 @@ class QueueDeclareOk:
     consumer_count: int
 
 
+def _encodable(value: FieldValue) -> FieldValue:
+    if isinstance(value, bytes):
+        return bytearray(value)
+    if isinstance(value, dict):
+        return _encodable_table(value)
+    if isinstance(value, list):
+        return [_encodable(item) for item in value]
+    return value
+
+
+def _encodable_table(table: FieldTable) -> FieldTable:
+    """``table`` with ``bytes`` values (at any depth) as ``bytearray``.
+
+    pamqp encodes a byte array from ``bytearray`` only and refuses ``bytes``, which is
+    what users naturally pass; both mean the same AMQP value ('x'). Note that pamqp
+    encodes a ``float`` as a single-precision float ('f'): use ``decimal.Decimal`` or
+    a string for values that must arrive exactly.
+    """
+    if not any(isinstance(v, bytes | dict | list) for v in table.values()):
+        return table
+    return {key: _encodable(value) for key, value in table.items()}
+
+
 class Consumer:
     """The deliveries of one basic.consume; iterate it with ``async for``.
 
@@ -91,9 +115,12 @@ class Consumer:
         try:
             return await self._receive.receive()
         except (anyio.EndOfStream, anyio.ClosedResourceError):
-            if self._error is not None:
-                raise self._error from None
-            raise StopAsyncIteration from None
+            pass
+        # Raised outside the except block: the error object is shared (by every
+        # consumer and the connection), so it must keep its own __cause__.
+        if self._error is not None:
+            raise self._error
+        raise StopAsyncIteration
 
     def _deliver(self, delivery: Delivery) -> None:
         self._send.send_nowait(delivery)
@@ -435,6 +462,11 @@ class Channel:
         """
         if not isinstance(body, bytes | bytearray | memoryview):
             raise TypeError(f"body must be bytes, not {type(body).__name__}")
+        if properties is not None and properties.headers:
+            headers = _encodable_table(properties.headers)
+            if headers is not properties.headers:
+                properties = copy.copy(properties)  # never change the caller's object
+                properties.headers = headers
         self._check_open()
         await self._backpressure()
         self._check_open()

@@ -73,6 +73,8 @@ READ_SIZE = 256 * 1024
 #: How long closing a channel or the connection may take before we give up on the
 #: broker's close-ok and drop the socket.
 CLOSE_TIMEOUT = 5.0
+#: How long the close-ok answering a broker's connection.close may take to be written.
+CLOSE_OK_FLUSH_TIMEOUT = 1.0
 
 
 @contextlib.contextmanager
@@ -120,6 +122,8 @@ class Connection:
         self._blocked_reason: str | None = None
         self._unblocked = anyio.Event()
         self._unblocked.set()
+        self._closed_by_broker: ConnectionClosed | None = None
+        self._writing = False
         self.server_properties: dict[str, object] = {}
 
     def __repr__(self) -> str:
@@ -215,6 +219,14 @@ class Connection:
         if self._error is not None:
             raise self._error
 
+    async def _flushed(self) -> None:
+        """Wait until the writer has sent everything the core queued so far."""
+        while (self._core.bytes_pending() or self._writing) and self._error is None:
+            if self._drained.is_set():
+                self._drained = anyio.Event()
+            self._wake_writer()
+            await self._drained.wait()
+
     async def _close_channel(self, ch: Channel) -> None:
         """Close ``ch`` with channel.close and wait for close-ok, shielded and bounded."""
         waiter = ch._start_close()
@@ -262,6 +274,12 @@ class Connection:
                     self._handle(event)
                 if core.bytes_pending():
                     self._wake_writer()
+                if self._closed_by_broker is not None:
+                    # Let the writer send the close-ok the core queued, briefly.
+                    with anyio.move_on_after(CLOSE_OK_FLUSH_TIMEOUT):
+                        await self._flushed()
+                    self._fail(self._closed_by_broker)
+                    return
         except ConnectionLost as exc:
             if core.state is ConnectionState.CLOSED:
                 return  # the broker dropped the socket after close-ok: expected
@@ -350,8 +368,8 @@ class Connection:
                 event.method_id,
                 context=context or f"connection to {self.params.url}",
             )
-            self._wake_writer()  # the core queued close-ok
-            self._fail(error)
+            # The reader sends the close-ok the core queued, then fails the connection.
+            self._closed_by_broker = error
         else:  # pragma: no cover - the union is exhaustive
             raise AssertionError(f"unhandled event {event!r}")
 
@@ -364,11 +382,13 @@ class Connection:
                 await self._write_wanted.wait()
                 self._write_wanted = anyio.Event()
                 data = core.data_to_send()
+                self._writing = True
                 while data:
                     with _transport_errors(self.params, "while writing"):
                         await stream.send(data)
                     self._last_sent = anyio.current_time()
                     data = core.data_to_send()
+                self._writing = False
                 self._drained.set()
         except ConnectionLost as exc:
             self._fail(exc)
@@ -513,12 +533,22 @@ async def connect_stream(
     finally:
         await anyio.aclose_forcefully(stream)
     error = conn._error
-    if error is not None and (
-        body_error is None or isinstance(body_error, anyio.get_cancelled_exc_class() | AMQPError)
-    ):
+    if error is not None and (body_error is None or _is_fallout(body_error)):
         raise error
     if body_error is not None:
         raise body_error
+
+
+def _is_fallout(exc: BaseException) -> bool:
+    """True when ``exc`` is only what a broken connection causes in the body.
+
+    That is the cancellation of the connection's scope and the client's own errors,
+    possibly grouped by task groups inside the body; the connection's error then
+    replaces it, so that users see one ``ConnectionLost`` rather than a group.
+    """
+    if isinstance(exc, BaseExceptionGroup):
+        return all(_is_fallout(inner) for inner in exc.exceptions)
+    return isinstance(exc, anyio.get_cancelled_exc_class() | AMQPError)
 
 
 async def _open_stream(
