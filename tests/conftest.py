@@ -12,6 +12,7 @@ start is a no-op, so running pytest directly works too).
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -42,6 +43,28 @@ def dev_broker(*args: str, check: bool = True) -> subprocess.CompletedProcess[st
         check=check,
         timeout=120,
     )
+
+
+def free_node_port(avoid: frozenset[int] | set[int] = frozenset()) -> int:
+    """A port below 44000 whose +10000 and +20000 siblings are free too (a node's
+    epmd and distribution ports), none of them in ``avoid``."""
+    for _ in range(100):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        candidates = {port, port + 10000, port + 20000}
+        if port > 44000 or candidates & avoid:
+            continue
+        taken = False
+        for candidate in candidates:
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", candidate))
+                except OSError:
+                    taken = True
+        if not taken:
+            return port
+    raise RuntimeError("no free port found")
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import pika
 import pytest
 
-from .conftest import DEV_BROKER, dev_broker, external_broker_url
+from .conftest import DEV_BROKER, dev_broker, external_broker_url, free_node_port
 
 pytestmark = pytest.mark.broker
 
@@ -37,34 +37,13 @@ def test_independent_client_round_trips_a_message(broker_url: str) -> None:
         connection.close()
 
 
-def _free_port() -> int:
-    # A port below 44000 whose +10000 and +20000 siblings are free too (the node's
-    # epmd and distribution ports).
-    for _ in range(100):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = int(s.getsockname()[1])
-        if port > 44000:
-            continue
-        taken = False
-        for candidate in (port, port + 10000, port + 20000):
-            with socket.socket() as s:
-                try:
-                    s.bind(("127.0.0.1", candidate))
-                except OSError:
-                    taken = True
-        if not taken:
-            return port
-    raise RuntimeError("no free port found")
-
-
 @pytest.fixture
 def private_node() -> Iterator[tuple[str, int]]:
     """A second private node, separate from the session's broker; always stopped."""
     if external_broker_url() is not None:
         pytest.skip("dev-broker starts nothing when STRICTCONSUME_URL/AMQP_URL is set")
     name = f"t{uuid.uuid4().hex[:8]}"
-    port = _free_port()
+    port = free_node_port()
     try:
         yield name, port
     finally:

@@ -48,7 +48,7 @@ from strictconsume.amqp import (
     parse_url,
 )
 
-from ..conftest import REPO, dev_broker, external_broker_url
+from ..conftest import REPO, dev_broker, external_broker_url, free_node_port
 from .oracle import Oracle
 
 pytestmark = [pytest.mark.broker, pytest.mark.anyio]
@@ -672,28 +672,6 @@ async def test_unknown_vhost_fails_with_not_allowed_naming_it(broker_url: str) -
 # -- TLS ------------------------------------------------------------------------------------
 
 
-def _free_port(avoid: set[int]) -> int:
-    """A port below 44000 whose +10000 and +20000 siblings are free too (a node's
-    epmd and distribution ports), none of them in ``avoid``."""
-    for _ in range(100):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = int(s.getsockname()[1])
-        candidates = {port, port + 10000, port + 20000}
-        if port > 44000 or candidates & avoid:
-            continue
-        taken = False
-        for candidate in candidates:
-            with socket.socket() as s:
-                try:
-                    s.bind(("127.0.0.1", candidate))
-                except OSError:
-                    taken = True
-        if not taken:
-            return port
-    raise RuntimeError("no free port found")
-
-
 @attrs.frozen
 class TLSNode:
     ca: trustme.CA
@@ -710,8 +688,8 @@ def tls_node() -> Iterator[TLSNode]:
     # Not pytest's tmp_path: /tmp/pytest-of-root is 0700, and the node runs as rabbitmq.
     directory = Path(tempfile.mkdtemp(prefix="strictconsume-tls-"))
     name = f"tls{uuid.uuid4().hex[:8]}"
-    port = _free_port(set())
-    tls_port = _free_port({port, port + 10000, port + 20000})
+    port = free_node_port(set())
+    tls_port = free_node_port({port, port + 10000, port + 20000})
     node = ("--name", name, "--port", str(port))
     try:
         directory.chmod(0o755)

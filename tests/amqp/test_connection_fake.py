@@ -1065,3 +1065,119 @@ async def test_cancelled_call_does_not_take_the_next_reply(anyio_backend: Any) -
                 assert scope.cancelled_caught
             assert await ch.queue_declare("second") == QueueDeclareOk("second", 2, 0)
             assert await ch.queue_declare("third") == QueueDeclareOk("third", 3, 0)
+
+
+# -- regressions found in review -----------------------------------------------------------
+
+
+async def test_consume_cancelled_before_consume_ok_is_cancelled_at_the_broker(
+    anyio_backend: Any,
+) -> None:
+    """A caller that gives up while basic.consume-ok is in flight must not leave a live
+    consumer on the broker: the client cancels it and requeues what it delivered."""
+    client, broker = pair()
+    giving_up = anyio.CancelScope()
+
+    async def script() -> None:
+        await broker.handshake()
+        await broker.open_channel(1)
+        consume = await broker.expect(commands.Basic.Consume, 1)
+        tag = consume.consumer_tag or ""
+        giving_up.cancel()  # the caller gives up before consume-ok
+        cancel = await broker.expect(commands.Basic.Cancel, 1)
+        assert (cancel.consumer_tag, cancel.nowait) == (tag, False)
+        # The broker's answers were already on their way: consume-ok, a delivery,
+        # then cancel-ok.
+        await broker.send(1, commands.Basic.ConsumeOk(tag))
+        await broker.send_raw(broker.deliver_bytes(1, tag, 1, b"m1"))
+        await broker.send(1, commands.Basic.CancelOk(tag))
+        nack = await broker.expect(commands.Basic.Nack, 1)
+        assert (nack.delivery_tag, nack.multiple, nack.requeue) == (1, False, True)
+        await broker.close_channel(1)
+        await broker.close_connection()
+
+    entered = False
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(broker.serve, script)
+        async with connect_stream(client, PARAMS) as conn, conn.channel() as ch:
+            with giving_up:
+                async with ch.consume("orders"):
+                    entered = True
+            assert giving_up.cancelled_caught
+            assert ch.is_open
+    assert not entered
+
+
+async def test_delivery_for_unknown_consumer_and_channel_close_in_one_read(
+    anyio_backend: Any,
+) -> None:
+    """A delivery nobody listens to, followed by channel.close in the same read, closes
+    that channel only; the connection goes on."""
+    client, broker = pair()
+    closed_ok = anyio.Event()
+
+    async def script() -> None:
+        await broker.handshake()
+        await broker.open_channel(1)
+        await broker.send_raw(
+            broker.deliver_bytes(1, "nobody", 1, b"m1")
+            + broker.frame(1, commands.Channel.Close(406, "PRECONDITION_FAILED - test", 60, 80))
+        )
+        await broker.expect(commands.Channel.CloseOk, 1)
+        closed_ok.set()
+        await broker.open_channel(1)  # the id is free again
+        await broker.close_channel(1)
+        await broker.close_connection()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(broker.serve, script)
+        async with connect_stream(client, PARAMS) as conn:
+            async with conn.channel() as ch:
+                await closed_ok.wait()
+                with pytest.raises(ChannelClosed) as exc_info:
+                    await ch.qos(1)
+                assert exc_info.value.reply_code == 406
+            async with conn.channel() as again:
+                assert again.channel_id == 1
+            assert conn.is_open
+
+
+@autojump()
+async def test_broker_close_with_a_stuck_socket_raises_connection_closed(
+    anyio_backend: Any,
+) -> None:
+    """While the close-ok answering the broker's connection.close cannot be written
+    (the socket is full), calls fail with ConnectionClosed and heartbeats stop; after
+    the flush timeout the connection gives up with ConnectionClosed, not a group."""
+    client, broker = pair(client_buffer=0)
+    t0 = anyio.current_time()
+    sent_close = anyio.Event()
+
+    async def script() -> None:
+        await broker.handshake(heartbeat=2)
+        await broker.open_channel(1)
+        await broker.send(0, commands.Connection.Close(320, "CONNECTION_FORCED - test", 0, 0))
+        sent_close.set()
+        await anyio.sleep(10)  # never reads again while the client waits
+
+    errors: list[BaseException] = []
+
+    async def client_side() -> None:
+        async with connect_stream(client, PARAMS) as conn, conn.channel() as ch:
+            await sent_close.wait()
+            await anyio.sleep(0.5)  # within the flush window
+            try:
+                await ch.ack(1)
+            except BaseException as exc:
+                errors.append(exc)
+            await anyio.sleep_forever()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(broker.serve, script)
+        with pytest.raises(ConnectionClosed) as exc_info:
+            await client_side()
+        gave_up_at = anyio.current_time() - t0
+    assert exc_info.value.reply_code == 320
+    assert [type(e) for e in errors] == [ConnectionClosed]
+    assert errors[0] is exc_info.value
+    assert gave_up_at == pytest.approx(1.0, abs=0.01)  # CLOSE_OK_FLUSH_TIMEOUT after close

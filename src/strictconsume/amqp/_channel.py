@@ -36,7 +36,19 @@ from ._errors import (
     MessageReturned,
     PublishNacked,
 )
-from ._protocol import ChannelClosedByBroker, Delivery, GetResult, PublishConfirmed, Returned
+from ._protocol import (
+    ChannelCloseCompleted,
+    ChannelClosedByBroker,
+    ChannelFlow,
+    ChannelOpened,
+    ChannelState,
+    ConsumerCancelledByBroker,
+    Delivery,
+    GetResult,
+    MethodReceived,
+    PublishConfirmed,
+    Returned,
+)
 from ._waiter import Waiter
 
 if TYPE_CHECKING:
@@ -187,11 +199,6 @@ class Channel:
         self._core.send_method(self.channel_id, method)
         self.connection._wake_writer()
         return await waiter.wait()
-
-    async def _send_nowait(self, method: Frame) -> None:
-        self._check_open()
-        self._core.send_method(self.channel_id, method)
-        self.connection._wake_writer()
 
     async def qos(self, prefetch_count: int, *, global_: bool = False) -> None:
         """Limit unacked deliveries to ``prefetch_count`` per consumer (0: no limit).
@@ -371,7 +378,9 @@ class Channel:
                 )
             )
         except BaseException:
-            self._consumers.pop(consumer_tag, None)
+            # basic.consume is on its way: the broker may already have a consumer
+            # (consume-ok still in flight), so cancel it there too.
+            await self._cancel_consumer(consumer, requeue_unyielded=not no_ack)
             raise
         try:
             yield consumer
@@ -386,7 +395,12 @@ class Channel:
             self._consumers.pop(consumer.consumer_tag, None)
             consumer._end(None)
             left = consumer._drain()
-            if requeue_unyielded and left and self.is_open:
+            if (
+                requeue_unyielded
+                and left
+                and self.is_open
+                and self._core.channel_state(self.channel_id) is ChannelState.OPEN
+            ):
                 for delivery in left:
                     self._core.nack(self.channel_id, delivery.delivery_tag, requeue=True)
                 self.connection._wake_writer()
@@ -483,7 +497,11 @@ class Channel:
             return
         waiter: Waiter[bool] = Waiter()
         self._confirms[tag] = waiter
-        acked = await waiter.wait()
+        try:
+            acked = await waiter.wait()
+        finally:
+            if not waiter.done:  # cancelled: nobody will look at this tag's outcome
+                del self._confirms[tag]
         returned = self._returned.pop(tag, None)
         if returned is not None:
             raise MessageReturned(
@@ -498,11 +516,12 @@ class Channel:
         self._open_waiter = Waiter()
         return self._open_waiter
 
-    def _on_opened(self) -> None:
+    def _on_opened(self, event: ChannelOpened) -> None:
         if self._open_waiter is not None:
             self._open_waiter.resolve(None)
 
-    def _on_method(self, method: Frame) -> None:
+    def _on_method(self, event: MethodReceived) -> None:
+        method = event.method
         if isinstance(method, commands.Basic.CancelOk):
             consumer = self._consumers.pop(method.consumer_tag or "", None)
             if consumer is not None:
@@ -518,7 +537,10 @@ class Channel:
         consumer = self._consumers.get(delivery.consumer_tag)
         if consumer is not None:
             consumer._deliver(delivery)
-        elif delivery.consumer_tag not in self._no_ack_tags:
+        elif (
+            delivery.consumer_tag not in self._no_ack_tags
+            and self._core.channel_state(self.channel_id) is ChannelState.OPEN
+        ):
             # A delivery for a consumer we no longer listen to (cancelled, its
             # iterator gone): give it back so it is not stuck until the channel closes.
             logger.debug(
@@ -549,13 +571,14 @@ class Channel:
                 event.reply_text,
             )
 
-    def _on_consumer_cancelled(self, consumer_tag: str) -> None:
-        consumer = self._consumers.pop(consumer_tag, None)
+    def _on_consumer_cancelled(self, event: ConsumerCancelledByBroker) -> None:
+        tag = event.consumer_tag
+        consumer = self._consumers.pop(tag, None)
         if consumer is not None:
-            consumer._end(ConsumerCancelled(consumer_tag, consumer.queue))
+            consumer._end(ConsumerCancelled(tag, consumer.queue))
 
-    def _on_flow(self, active: bool) -> None:
-        self.flow_active = active
+    def _on_flow(self, event: ChannelFlow) -> None:
+        self.flow_active = event.active
 
     def _on_closed_by_broker(self, event: ChannelClosedByBroker) -> None:
         self._fail(
@@ -568,7 +591,7 @@ class Channel:
             )
         )
 
-    def _on_close_completed(self) -> None:
+    def _on_close_completed(self, event: ChannelCloseCompleted) -> None:
         if self._close_waiter is not None:
             self._close_waiter.resolve(None)
 

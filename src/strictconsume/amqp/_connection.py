@@ -22,10 +22,11 @@ Structure (nothing here knows AMQP's wire format; that is ``_protocol``):
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import ssl
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import anyio
@@ -123,6 +124,7 @@ class Connection:
         self._unblocked = anyio.Event()
         self._unblocked.set()
         self._closed_by_broker: ConnectionClosed | None = None
+        self._close_ok_flush_tried = False
         self._writing = False
         self.server_properties: dict[str, object] = {}
 
@@ -221,7 +223,7 @@ class Connection:
 
     async def _flushed(self) -> None:
         """Wait until the writer has sent everything the core queued so far."""
-        while (self._core.bytes_pending() or self._writing) and self._error is None:
+        while self._core.bytes_pending() or self._writing:
             if self._drained.is_set():
                 self._drained = anyio.Event()
             self._wake_writer()
@@ -243,9 +245,15 @@ class Connection:
 
     # -- the tasks ----------------------------------------------------------------------
 
-    def _fail(self, error: AMQPError) -> None:
-        """The connection is dead: fail every waiter and cancel the connection's scope."""
+    def _fail(self, error: AMQPError, *, cancel: bool = True) -> None:
+        """The connection is dead: fail every waiter and cancel the connection's scope.
+
+        With ``cancel=False`` the tasks go on (the reader uses that to let the writer
+        send a close-ok first); a later call cancels them.
+        """
         if self._error is not None:
+            if cancel and self._task_group is not None:
+                self._task_group.cancel_scope.cancel()
             return
         self._error = error
         self._opened.fail(error)
@@ -255,7 +263,7 @@ class Connection:
         self._channels.clear()
         self._drained.set()
         self._unblocked.set()
-        if self._task_group is not None:
+        if cancel and self._task_group is not None:
             self._task_group.cancel_scope.cancel()
 
     async def _reader(self) -> None:
@@ -278,6 +286,7 @@ class Connection:
                     # Let the writer send the close-ok the core queued, briefly.
                     with anyio.move_on_after(CLOSE_OK_FLUSH_TIMEOUT):
                         await self._flushed()
+                    self._close_ok_flush_tried = True
                     self._fail(self._closed_by_broker)
                     return
         except ConnectionLost as exc:
@@ -298,48 +307,19 @@ class Connection:
 
     def _handle(self, event: Event) -> None:
         """Route one event from the core to whoever waits for it."""
-        if isinstance(event, Delivery):
-            ch = self._channels.get(event.channel_id)
+        route = _CHANNEL_EVENTS.get(type(event))
+        if route is not None:
+            handler, ends_channel = route
+            channel_id: int = event.channel_id  # type: ignore[union-attr]
+            ch = (
+                self._channels.pop(channel_id, None)
+                if ends_channel
+                else self._channels.get(channel_id)
+            )
             if ch is not None:
-                ch._on_delivery(event)
-        elif isinstance(event, PublishConfirmed):
-            ch = self._channels.get(event.channel_id)
-            if ch is not None:
-                ch._on_confirm(event)
-        elif isinstance(event, MethodReceived):
-            ch = self._channels.get(event.channel_id)
-            if ch is not None:
-                ch._on_method(event.method)
+                handler(ch, event)
         elif isinstance(event, HeartbeatReceived):
             pass
-        elif isinstance(event, Returned):
-            ch = self._channels.get(event.channel_id)
-            if ch is not None:
-                ch._on_return(event)
-        elif isinstance(event, GetResult):
-            ch = self._channels.get(event.channel_id)
-            if ch is not None:
-                ch._on_get_result(event)
-        elif isinstance(event, ChannelOpened):
-            ch = self._channels.get(event.channel_id)
-            if ch is not None:
-                ch._on_opened()
-        elif isinstance(event, ChannelCloseCompleted):
-            ch = self._channels.pop(event.channel_id, None)
-            if ch is not None:
-                ch._on_close_completed()
-        elif isinstance(event, ChannelClosedByBroker):
-            ch = self._channels.pop(event.channel_id, None)
-            if ch is not None:
-                ch._on_closed_by_broker(event)
-        elif isinstance(event, ConsumerCancelledByBroker):
-            ch = self._channels.get(event.channel_id)
-            if ch is not None:
-                ch._on_consumer_cancelled(event.consumer_tag)
-        elif isinstance(event, ChannelFlow):
-            ch = self._channels.get(event.channel_id)
-            if ch is not None:
-                ch._on_flow(event.active)
         elif isinstance(event, ConnectionOpened):
             self.server_properties = event.server_properties
             self._opened.resolve(None)
@@ -368,8 +348,10 @@ class Connection:
                 event.method_id,
                 context=context or f"connection to {self.params.url}",
             )
-            # The reader sends the close-ok the core queued, then fails the connection.
+            # Every call fails from now on; the reader lets the writer send the
+            # close-ok the core queued, then cancels the connection's tasks.
             self._closed_by_broker = error
+            self._fail(error, cancel=False)
         else:  # pragma: no cover - the union is exhaustive
             raise AssertionError(f"unhandled event {event!r}")
 
@@ -387,13 +369,21 @@ class Connection:
                     with _transport_errors(self.params, "while writing"):
                         await stream.send(data)
                     self._last_sent = anyio.current_time()
+                    if core.bytes_pending() <= WRITE_HIGH_WATER:
+                        self._drained.set()  # waiters re-check their own condition
                     data = core.data_to_send()
                 self._writing = False
                 self._drained.set()
-        except ConnectionLost as exc:
+        except AMQPError as exc:
             self._fail(exc)
 
     async def _heartbeat(self) -> None:
+        try:
+            await self._heartbeat_loop()
+        except AMQPError as exc:  # a client error here fails the connection, never the group
+            self._fail(exc)
+
+    async def _heartbeat_loop(self) -> None:
         interval = self._core.heartbeat
         if interval <= 0:
             return
@@ -413,6 +403,8 @@ class Connection:
                 return
             send_at = self._last_sent + send_every
             if now >= send_at:
+                if self._core.state is ConnectionState.CLOSED:
+                    return  # closed (the close-ok is being flushed): nothing to keep alive
                 self._core.send_heartbeat()
                 self._last_sent = now
                 self._wake_writer()
@@ -443,6 +435,22 @@ class Connection:
         with anyio.move_on_after(CLOSE_TIMEOUT, shield=True):
             with contextlib.suppress(AMQPError):
                 await self._closed.wait()
+
+
+#: Events for one channel: the Channel method that handles each, and whether the
+#: event ends the channel (it is then forgotten before its handler runs).
+_CHANNEL_EVENTS: dict[type, tuple[Callable[[Channel, Any], None], bool]] = {
+    Delivery: (Channel._on_delivery, False),
+    PublishConfirmed: (Channel._on_confirm, False),
+    MethodReceived: (Channel._on_method, False),
+    Returned: (Channel._on_return, False),
+    GetResult: (Channel._on_get_result, False),
+    ChannelOpened: (Channel._on_opened, False),
+    ConsumerCancelledByBroker: (Channel._on_consumer_cancelled, False),
+    ChannelFlow: (Channel._on_flow, False),
+    ChannelCloseCompleted: (Channel._on_close_completed, True),
+    ChannelClosedByBroker: (Channel._on_closed_by_broker, True),
+}
 
 
 @contextlib.asynccontextmanager
@@ -529,14 +537,37 @@ async def connect_stream(
                 except BaseException as exc:  # re-raised below, outside the task group
                     body_error = exc
                 await conn._close()
+            if conn._closed_by_broker is not None and not conn._close_ok_flush_tried:
+                # Answer the broker's connection.close before dropping the socket
+                # (during the handshake the reader may not have had the time to).
+                with anyio.move_on_after(CLOSE_OK_FLUSH_TIMEOUT, shield=True):
+                    await conn._flushed()
             tg.cancel_scope.cancel()
     finally:
         await anyio.aclose_forcefully(stream)
     error = conn._error
     if error is not None and (body_error is None or _is_fallout(body_error)):
+        if body_error is not None and _outer_cancellation_pending():
+            raise body_error
         raise error
     if body_error is not None:
         raise body_error
+
+
+def _outer_cancellation_pending() -> bool:
+    """True when, on asyncio, someone outside asked to cancel the current task.
+
+    The connection's own task group withdraws its cancellation requests when it
+    exits, so a request still pending comes from an enclosing scope, a timeout or
+    ``task.cancel()``; that cancellation must propagate rather than turn into the
+    connection's error. (On trio, cancellation is level-triggered: an enclosing
+    cancelled scope raises again at the caller's next checkpoint.)
+    """
+    try:
+        task = asyncio.current_task()
+    except RuntimeError:  # not running on asyncio
+        return False
+    return task is not None and task.cancelling() > 0
 
 
 def _is_fallout(exc: BaseException) -> bool:

@@ -65,17 +65,17 @@ def redact_url(url: str) -> str:
     """Return ``url`` with any password replaced by ``***``.
 
     Works on malformed URLs too (it never raises), so that an error about a bad URL
-    can quote it safely.
+    can quote it safely: everything before the last ``@`` is taken as user info, so
+    a password with an unencoded ``/``, ``?`` or ``#`` is hidden too.
     """
     scheme, sep, rest = url.partition("://")
     if not sep:
         return url if "@" not in url else "***@" + url.rsplit("@", 1)[1]
-    netloc, slash, tail = rest.partition("/")
-    if "@" not in netloc:
+    userinfo, at, hostpart = rest.rpartition("@")
+    if not at:
         return url
-    userinfo, _, hostport = netloc.rpartition("@")
     user = userinfo.split(":", 1)[0]
-    return f"{scheme}://{user}:***@{hostport}{slash}{tail}"
+    return f"{scheme}://{user}:***@{hostpart}"
 
 
 def _fail(url: str, problem: str) -> ValueError:
@@ -98,11 +98,21 @@ def parse_url(url: str) -> ConnectionParameters:
     """
     if not isinstance(url, str):
         raise TypeError(f"url must be a str, not {type(url).__name__}")
+    scheme_sep = url.find("://")
+    after_scheme = url[scheme_sep + 3 :] if scheme_sep >= 0 else url
+    authority_end = min((i for i in map(after_scheme.find, "/?#") if i >= 0), default=-1)
+    if authority_end >= 0 and "@" in after_scheme[authority_end:]:
+        # urlsplit would cut the user info at that character and read part of the
+        # password as a path, query or port: refuse it without quoting any of it.
+        raise ValueError(
+            f"invalid AMQP URL {redact_url(url)!r}: the user name or password contains "
+            "'/', '?' or '#'; percent-encode it (for example '/' as %2F)"
+        )
     try:
         parts = urllib.parse.urlsplit(url)
         port = parts.port
-    except ValueError as exc:
-        raise _fail(url, str(exc)) from None
+    except ValueError:
+        raise _fail(url, "the port must be a number from 0 to 65535") from None
     scheme = parts.scheme.lower()
     if scheme not in _DEFAULT_PORTS:
         raise _fail(url, f"the scheme must be amqp or amqps, not {parts.scheme!r}")
