@@ -65,6 +65,9 @@ Properties = commands.Basic.Properties
 
 #: Above this many queued bytes, publishers and ackers wait for the writer.
 WRITE_HIGH_WATER = 4 * 1024 * 1024
+#: How long closing a channel, cancelling a consumer or closing the connection may
+#: take before we give up on the broker's answer.
+CLOSE_TIMEOUT = 5.0
 
 
 @attrs.frozen
@@ -181,6 +184,11 @@ class Channel:
     @property
     def is_open(self) -> bool:
         return not self._closed and self.connection._error is None
+
+    def _can_settle(self) -> bool:
+        """True while acks and nacks can still go out on this channel (our own
+        housekeeping must not raise when the broker has just closed it)."""
+        return self.is_open and self._core.channel_state(self.channel_id) is ChannelState.OPEN
 
     # -- calls --------------------------------------------------------------------------
 
@@ -390,17 +398,12 @@ class Channel:
     async def _cancel_consumer(self, consumer: Consumer, *, requeue_unyielded: bool) -> None:
         with anyio.CancelScope(shield=True):
             if consumer.consumer_tag in self._consumers and self.is_open:
-                with anyio.move_on_after(5.0), contextlib.suppress(AMQPError):
+                with anyio.move_on_after(CLOSE_TIMEOUT), contextlib.suppress(AMQPError):
                     await self._call(commands.Basic.Cancel(consumer_tag=consumer.consumer_tag))
             self._consumers.pop(consumer.consumer_tag, None)
             consumer._end(None)
             left = consumer._drain()
-            if (
-                requeue_unyielded
-                and left
-                and self.is_open
-                and self._core.channel_state(self.channel_id) is ChannelState.OPEN
-            ):
+            if requeue_unyielded and left and self._can_settle():
                 for delivery in left:
                     self._core.nack(self.channel_id, delivery.delivery_tag, requeue=True)
                 self.connection._wake_writer()
@@ -537,10 +540,7 @@ class Channel:
         consumer = self._consumers.get(delivery.consumer_tag)
         if consumer is not None:
             consumer._deliver(delivery)
-        elif (
-            delivery.consumer_tag not in self._no_ack_tags
-            and self._core.channel_state(self.channel_id) is ChannelState.OPEN
-        ):
+        elif delivery.consumer_tag not in self._no_ack_tags and self._can_settle():
             # A delivery for a consumer we no longer listen to (cancelled, its
             # iterator gone): give it back so it is not stuck until the channel closes.
             logger.debug(

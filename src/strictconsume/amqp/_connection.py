@@ -33,7 +33,7 @@ import anyio
 import anyio.abc
 import attrs
 
-from ._channel import WRITE_HIGH_WATER, Channel
+from ._channel import CLOSE_TIMEOUT, WRITE_HIGH_WATER, Channel
 from ._errors import (
     AMQPError,
     ConnectionClosed,
@@ -71,9 +71,6 @@ logger = logging.getLogger("strictconsume.amqp")
 
 #: How many bytes the reader asks the socket for at once.
 READ_SIZE = 256 * 1024
-#: How long closing a channel or the connection may take before we give up on the
-#: broker's close-ok and drop the socket.
-CLOSE_TIMEOUT = 5.0
 #: How long the close-ok answering a broker's connection.close may take to be written.
 CLOSE_OK_FLUSH_TIMEOUT = 1.0
 
@@ -211,23 +208,27 @@ class Connection:
     def _wake_writer(self) -> None:
         self._write_wanted.set()
 
-    async def _wait_writable(self) -> None:
-        """Wait while too many bytes are queued for the socket (backpressure)."""
-        while self._core.bytes_pending() > WRITE_HIGH_WATER and self._error is None:
-            self._wake_writer()
+    async def _wait_for_writer(self, done: Callable[[], bool]) -> None:
+        """Wake the writer until ``done()`` holds; checked again after each write."""
+        while not done():
             if self._drained.is_set():
                 self._drained = anyio.Event()
+            self._wake_writer()
             await self._drained.wait()
+
+    async def _wait_writable(self) -> None:
+        """Wait while too many bytes are queued for the socket (backpressure)."""
+        core = self._core
+        await self._wait_for_writer(
+            lambda: core.bytes_pending() <= WRITE_HIGH_WATER or self._error is not None
+        )
         if self._error is not None:
             raise self._error
 
     async def _flushed(self) -> None:
         """Wait until the writer has sent everything the core queued so far."""
-        while self._core.bytes_pending() or self._writing:
-            if self._drained.is_set():
-                self._drained = anyio.Event()
-            self._wake_writer()
-            await self._drained.wait()
+        core = self._core
+        await self._wait_for_writer(lambda: not (core.bytes_pending() or self._writing))
 
     async def _close_channel(self, ch: Channel) -> None:
         """Close ``ch`` with channel.close and wait for close-ok, shielded and bounded."""
