@@ -30,6 +30,24 @@ AMQP_NAMES = {
 }
 
 
+FRAMEWORK_NAMES = {
+    "App",
+    "Binding",
+    "ConsumerSpec",
+    "DecodeError",
+    "Message",
+    "Publisher",
+    "Reject",
+    "Requeue",
+    "Retry",
+    "RetryLater",
+    "SettingsError",
+    "StartupError",
+    "amqp",
+    "consumer",
+}
+
+
 def _public(module: object) -> set[str]:
     # `annotations` is the `from __future__ import annotations` feature object.
     return {name for name in vars(module) if not name.startswith("_")} - {"annotations"}
@@ -38,6 +56,15 @@ def _public(module: object) -> set[str]:
 def test_amqp_public_names() -> None:
     public = _public(strictconsume.amqp)
     assert public == AMQP_NAMES
+
+
+def test_framework_public_names() -> None:
+    assert _public(strictconsume) == FRAMEWORK_NAMES
+
+
+def test_framework_classes_show_the_public_module() -> None:
+    for name in FRAMEWORK_NAMES - {"amqp", "consumer"}:
+        assert getattr(strictconsume, name).__module__ == "strictconsume", name
 
 
 def test_public_objects_do_not_claim_private_homes() -> None:

@@ -1,0 +1,320 @@
+"""The App: a registry of consumers, their settings, and their run."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import random as random_module
+import signal
+import threading
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
+
+import anyio
+
+from ._consumer import SPEC_ATTRIBUTE, Binding, ConsumerSpec, QueueType, consumer
+from ._dispatch import Shutdown
+from ._outcome import OutcomeKind
+from ._publisher import PublishChannelSlot, Publisher, own_connection_publisher
+from ._settings import Settings, resolve_settings
+from ._supervisor import StartupError, Supervisor
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable
+
+    from ._retry import Retry
+
+__all__ = ["App"]
+
+logger = logging.getLogger("strictconsume")
+
+H = TypeVar("H", bound="Callable[..., Awaitable[Any]]")
+
+
+class App:
+    """A set of consumers sharing one connection, and how to run them.
+
+    Args:
+        url: The broker's URL, or several (the nodes of a cluster), tried in turn.
+        prefetch: The default prefetch of the consumers (64).
+        grace_period: Seconds in-flight handlers get to finish on shutdown (30).
+        consumer_timeout: The broker's ``consumer_timeout`` in seconds (RabbitMQ's
+            default, 1800); handler timeouts unset or longer are warned about.
+        backend, log_level, log_format: Used by ``python -m strictconsume``.
+
+    Every setting can also come from the environment (``STRICTCONSUME_URL``, else
+    ``AMQP_URL``; ``STRICTCONSUME_PREFETCH``, ...), which overrides the code, and
+    from the command line, which overrides both.
+    """
+
+    def __init__(
+        self,
+        url: str | Sequence[str] | None = None,
+        *,
+        prefetch: int | None = None,
+        grace_period: float | None = None,
+        consumer_timeout: float | None = None,
+        backend: Literal["trio", "asyncio"] | None = None,
+        log_level: str | None = None,
+        log_format: Literal["text", "json"] | None = None,
+    ) -> None:
+        self._code_settings: dict[str, Any] = {
+            "urls": url,
+            "prefetch": prefetch,
+            "grace_period": grace_period,
+            "consumer_timeout": consumer_timeout,
+            "backend": backend,
+            "log_level": log_level,
+            "log_format": log_format,
+        }
+        resolve_settings(self._code_settings, {})  # fail early on a bad argument
+        self._overrides: dict[str, Any] = {}
+        self._specs: list[ConsumerSpec] = []
+        self._shutdown: Shutdown | None = None
+        self._supervisor: Supervisor | None = None
+        self._publishing = PublishChannelSlot()
+        self._random = random_module.Random()
+        self._grace_period: float | None = None
+        #: Messages handled since start, by (queue, outcome): "ack", "retry", ...
+        self.outcomes: Counter[tuple[str, str]] = Counter()
+
+    def __repr__(self) -> str:
+        queues = ", ".join(spec.queue for spec in self._specs)
+        return f"<strictconsume.App consuming [{queues}]>"
+
+    # -- consumers ----------------------------------------------------------------------
+
+    def consumer(
+        self,
+        queue: str,
+        *,
+        prefetch: int | None = None,
+        timeout: float | None = None,
+        retry: Retry | None = None,
+        bindings: Iterable[Binding] = (),
+        queue_type: QueueType = "classic",
+        durable: bool = True,
+        concurrency: int | None = None,
+        arguments: Mapping[str, Any] | None = None,
+    ) -> Callable[[H], H]:
+        """Register an ``async def`` handler for ``queue`` (options as :func:`consumer`)."""
+        decorate = consumer(
+            queue,
+            prefetch=prefetch,
+            timeout=timeout,
+            retry=retry,
+            bindings=bindings,
+            queue_type=queue_type,
+            durable=durable,
+            concurrency=concurrency,
+            arguments=arguments,
+        )
+
+        def register(handler: H) -> H:
+            self.add_consumer(decorate(handler))
+            return handler
+
+        return register
+
+    def add_consumer(self, handler: Callable[..., Awaitable[Any]] | ConsumerSpec) -> None:
+        """Add a function decorated with :func:`strictconsume.consumer` (or a spec)."""
+        spec: object = handler
+        if not isinstance(spec, ConsumerSpec):
+            spec = getattr(handler, SPEC_ATTRIBUTE, None)
+        if not isinstance(spec, ConsumerSpec):
+            raise TypeError(
+                f"{handler!r} is not a consumer: decorate it with @strictconsume.consumer(queue)"
+            )
+        if self._supervisor is not None:
+            raise RuntimeError("consumers cannot be added while the App is running")
+        if any(existing.queue == spec.queue for existing in self._specs):
+            raise ValueError(f"queue {spec.queue!r} already has a consumer in this App")
+        self._specs.append(spec)
+
+    @property
+    def consumers(self) -> tuple[ConsumerSpec, ...]:
+        return tuple(self._specs)
+
+    # -- settings -----------------------------------------------------------------------
+
+    @property
+    def settings(self) -> Settings:
+        """The effective settings: code < environment < command line."""
+        return resolve_settings(self._code_settings, os.environ, self._overrides)
+
+    def configure(self, **overrides: Any) -> None:
+        """Override settings as the command line does (``None`` leaves one alone)."""
+        unknown = set(overrides) - set(self._code_settings)
+        if unknown:
+            raise TypeError(f"unknown settings: {', '.join(sorted(unknown))}")
+        merged = {**self._overrides, **{k: v for k, v in overrides.items() if v is not None}}
+        resolve_settings({}, {}, merged)
+        self._overrides = merged
+
+    # -- state --------------------------------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        """True while connected with every consumer subscribed."""
+        return self._supervisor is not None and self._supervisor.ready
+
+    @property
+    def connected(self) -> bool:
+        return self._supervisor is not None and self._supervisor.connected
+
+    @property
+    def reconnects(self) -> int:
+        return self._supervisor.reconnects if self._supervisor is not None else 0
+
+    def _record(self, queue: str, kind: OutcomeKind, duration: float) -> None:
+        self.outcomes[queue, kind.value] += 1
+
+    # -- running ------------------------------------------------------------------------
+
+    def _warn_about_timeouts(self, settings: Settings) -> None:
+        limit = settings.consumer_timeout
+        for spec in self._specs:
+            if spec.timeout is None:
+                logger.warning(
+                    "the handler of queue %r has no timeout: a handler that hangs keeps "
+                    "its message until the broker's consumer_timeout (%g s) closes the "
+                    "channel; set timeout= on the consumer",
+                    spec.queue,
+                    limit,
+                )
+            elif limit and spec.timeout > limit:
+                logger.warning(
+                    "the handler timeout of queue %r (%g s) is longer than the broker's "
+                    "consumer_timeout (%g s): the broker would close the channel first; "
+                    "lower the timeout or raise consumer_timeout on the broker (and tell "
+                    "the App with consumer_timeout=)",
+                    spec.queue,
+                    spec.timeout,
+                    limit,
+                )
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[App]:
+        """Run the consumers in the background of the block; stop them gracefully on exit.
+
+        The block is entered once every consumer is subscribed. Leaving it (or
+        :meth:`stop`) stops intake, gives in-flight handlers the grace period,
+        requeues what did not finish and closes the connection.
+
+        Raises:
+            StartupError: the App cannot start (wrong credentials, unknown vhost, not an
+                AMQP broker, a queue that exists with other arguments).
+        """
+        if self._supervisor is not None:
+            raise RuntimeError("this App is running already")
+        settings = self.settings
+        if not self._specs:
+            logger.warning("the App has no consumers")
+        for spec in self._specs:
+            prefetch = spec.prefetch or settings.prefetch
+            if spec.concurrency is not None and spec.concurrency > prefetch:
+                raise ValueError(
+                    f"queue {spec.queue!r}: concurrency ({spec.concurrency}) cannot exceed "
+                    f"prefetch ({prefetch})"
+                )
+        self._warn_about_timeouts(settings)
+        shutdown = self._shutdown if self._shutdown is not None else Shutdown()
+        self._shutdown = shutdown
+        supervisor = Supervisor(
+            self._specs,
+            settings.parameters,
+            prefetch=settings.prefetch,
+            shutdown=shutdown,
+            publishing=self._publishing,
+            on_outcome=self._record,
+            random=self._random,
+        )
+        self._supervisor = supervisor
+        self._grace_period = settings.grace_period
+        startup_error: BaseException | None = None
+        body_error: BaseException | None = None
+        try:
+            async with anyio.create_task_group() as tg:
+                try:
+                    await tg.start(supervisor.run)
+                except StartupError as exc:
+                    startup_error = exc
+                if startup_error is None:
+                    try:
+                        yield self
+                    except BaseException as exc:  # re-raised below, outside the task group
+                        body_error = exc
+                    finally:
+                        if not shutdown.requested:
+                            self.stop()
+        finally:
+            self._supervisor = None
+            self._shutdown = None
+        logger.info("stopped")
+        if startup_error is not None:
+            raise startup_error
+        if body_error is not None:
+            raise body_error
+
+    async def run(self, *, handle_signals: bool = True) -> None:
+        """Run until :meth:`stop`, SIGTERM or SIGINT (a second signal skips the grace).
+
+        Signals are only handled in the main thread; pass ``handle_signals=False``
+        when the host program handles them.
+        """
+        self._shutdown = Shutdown()
+        async with anyio.create_task_group() as tg:
+            if handle_signals and threading.current_thread() is threading.main_thread():
+                await tg.start(self._watch_signals)
+            try:
+                async with self.running():
+                    assert self._shutdown is not None
+                    await self._shutdown.wait()
+            finally:
+                tg.cancel_scope.cancel()
+
+    async def _watch_signals(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            task_status.started()
+            async for signum in signals:
+                name = signal.Signals(signum).name
+                if self._shutdown is not None and self._shutdown.requested:
+                    logger.warning("%s again: skipping the grace period", name)
+                else:
+                    logger.info("%s received: shutting down", name)
+                self.stop()
+
+    def stop(self) -> None:
+        """Start a graceful stop; a second call skips the grace period.
+
+        Intake stops at once (basic.cancel on every consumer); handlers still running
+        get the grace period, then are cancelled and their messages requeued.
+        """
+        shutdown = self._shutdown
+        if shutdown is None:
+            return
+        if not shutdown.requested:
+            grace = self._grace_period
+            if grace is None:
+                grace = self.settings.grace_period
+            logger.info("shutting down: stopping intake, grace period %g s", grace)
+            shutdown.request(grace)
+        else:
+            shutdown.force()
+
+    # -- publishing ---------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def publisher(self) -> AsyncIterator[Publisher]:
+        """A :class:`Publisher` for confirmed publishing from user code.
+
+        While the App runs it shares the App's connection (and waits while the App
+        reconnects); otherwise the block opens a connection of its own.
+        """
+        if self._supervisor is not None:
+            yield Publisher(self._publishing)
+            return
+        async with own_connection_publisher(self.settings.urls[0]) as publisher:
+            yield publisher

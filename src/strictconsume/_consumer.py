@@ -1,0 +1,192 @@
+"""``@consumer``: a handler and the options of its queue, as a frozen :class:`ConsumerSpec`."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
+
+import attrs
+
+from ._retry import Retry
+
+if TYPE_CHECKING:
+    from pamqp.common import FieldTable
+
+    from ._message import Message
+
+__all__ = ["SPEC_ATTRIBUTE", "Binding", "ConsumerSpec", "Handler", "consumer"]
+
+Handler = Callable[["Message"], Awaitable[None]]
+H = TypeVar("H", bound=Callable[..., Awaitable[Any]])
+
+#: Where ``@consumer`` leaves the spec on the decorated function.
+SPEC_ATTRIBUTE = "__strictconsume_consumer__"
+
+QueueType = Literal["classic", "quorum"]
+EXCHANGE_TYPES = frozenset({"direct", "topic", "fanout", "headers"})
+MAX_PREFETCH = 65535  # basic.qos prefetch-count is a short
+
+
+def _queue_name(instance: object, attribute: attrs.Attribute[str], value: str) -> None:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{attribute.name} must be a non-empty string, not {value!r}")
+    if value.startswith("amq."):
+        raise ValueError(f"queue names starting with 'amq.' are reserved by the broker: {value!r}")
+    # the longest derived name, "<queue>.retry.<ms>", must fit in a short string
+    if len(value.encode()) > 200:
+        raise ValueError(f"queue name {value!r} is too long (at most 200 bytes)")
+
+
+def _optional_positive(instance: object, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if value is not None and not value > 0:
+        raise ValueError(f"{attribute.name} must be > 0 (or None), not {value!r}")
+
+
+def _optional_prefetch(instance: object, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_PREFETCH:
+        raise ValueError(f"{attribute.name} must be an int from 1 to {MAX_PREFETCH}: {value!r}")
+
+
+@attrs.frozen
+class Binding:
+    """Bind the consumer's queue to ``exchange`` (declared, durable, of ``exchange_type``)
+    with ``routing_key``. Exchanges named ``amq.*`` exist already and are only checked."""
+
+    exchange: str = attrs.field()
+    routing_key: str = ""
+    exchange_type: str = attrs.field(default="direct")
+    durable: bool = True
+    arguments: FieldTable | None = attrs.field(default=None, eq=False)
+
+    @exchange.validator
+    def _check_exchange(self, attribute: attrs.Attribute[str], value: str) -> None:
+        if not isinstance(value, str) or not value:
+            raise ValueError(
+                "a Binding needs an exchange name; the default exchange ('') routes by "
+                "queue name already and cannot be bound"
+            )
+
+    @exchange_type.validator
+    def _check_type(self, attribute: attrs.Attribute[str], value: str) -> None:
+        if value not in EXCHANGE_TYPES and not value.startswith("x-"):
+            raise ValueError(
+                f"exchange_type must be one of {sorted(EXCHANGE_TYPES)} or a plugin's "
+                f"'x-...' type, not {value!r}"
+            )
+
+
+def _bindings(value: Iterable[Binding]) -> tuple[Binding, ...]:
+    bindings = tuple(value)
+    for binding in bindings:
+        if not isinstance(binding, Binding):
+            raise TypeError(f"bindings must be Binding objects, not {binding!r}")
+    return bindings
+
+
+def _retry(value: Retry | None) -> Retry:
+    if value is None:
+        return Retry()
+    if not isinstance(value, Retry):
+        raise TypeError(f"retry must be a strictconsume.Retry, not {value!r}")
+    return value
+
+
+@attrs.frozen
+class ConsumerSpec:
+    """One consumer: a handler, its queue and how the queue is consumed.
+
+    Options left as None take the App's value (``prefetch``) or mean "none"
+    (``timeout``: the handler may run forever, which start-up warns about, since the
+    broker's ``consumer_timeout`` would then close the channel after 30 minutes).
+    """
+
+    queue: str = attrs.field(validator=_queue_name)
+    handler: Handler = attrs.field(eq=False)
+    prefetch: int | None = attrs.field(default=None, validator=_optional_prefetch)
+    timeout: float | None = attrs.field(default=None, validator=_optional_positive)
+    retry: Retry = attrs.field(factory=Retry, converter=_retry)
+    bindings: tuple[Binding, ...] = attrs.field(default=(), converter=_bindings)
+    queue_type: QueueType = attrs.field(
+        default="classic", validator=attrs.validators.in_(("classic", "quorum"))
+    )
+    durable: bool = True
+    concurrency: int | None = attrs.field(default=None, validator=_optional_prefetch)
+    #: Extra queue arguments (``x-max-length``, ...), merged with the dead-letter ones.
+    arguments: Mapping[str, Any] | None = attrs.field(default=None, eq=False)
+
+    def __attrs_post_init__(self) -> None:
+        if not inspect.iscoroutinefunction(self.handler):
+            raise TypeError(
+                f"the handler for queue {self.queue!r} must be an 'async def' function, "
+                f"not {self.handler!r}"
+            )
+        if self.queue_type == "quorum" and not self.durable:
+            raise ValueError(f"queue {self.queue!r}: quorum queues are always durable")
+        if (
+            self.concurrency is not None
+            and self.prefetch is not None
+            and self.concurrency > self.prefetch
+        ):
+            raise ValueError(
+                f"queue {self.queue!r}: concurrency ({self.concurrency}) cannot exceed "
+                f"prefetch ({self.prefetch}); the broker never sends more than prefetch"
+            )
+
+    @property
+    def name(self) -> str:
+        """The handler's qualified name, for logs."""
+        handler = self.handler
+        return f"{getattr(handler, '__module__', '?')}.{getattr(handler, '__qualname__', '?')}"
+
+
+def consumer(
+    queue: str,
+    *,
+    prefetch: int | None = None,
+    timeout: float | None = None,
+    retry: Retry | None = None,
+    bindings: Iterable[Binding] = (),
+    queue_type: QueueType = "classic",
+    durable: bool = True,
+    concurrency: int | None = None,
+    arguments: Mapping[str, Any] | None = None,
+) -> Callable[[H], H]:
+    """Declare an ``async def`` function as the handler of ``queue``.
+
+    ``python -m strictconsume module`` collects every function of the module decorated
+    this way into one App; :meth:`App.consumer` is the same decorator for one App.
+    The function is returned unchanged, so tests can call it directly.
+
+    Args:
+        queue: The queue to consume; declared (with its retry queues and ``.dlq``).
+        prefetch: Deliveries in flight at once (basic.qos); default: the App's.
+        timeout: Seconds a handler may run before it is cancelled and the message
+            treated as failed (``TimeoutError``); default none.
+        retry: The retry policy; default ``Retry()`` (1 s, 10 s, 60 s, then .dlq).
+        bindings: Exchanges to declare and bind the queue to.
+        queue_type: ``"classic"`` or ``"quorum"``.
+        durable: Declare the queue durable (default) so it survives a broker restart.
+        concurrency: Run at most this many handlers at once (at most ``prefetch``).
+        arguments: Extra queue arguments, such as ``{"x-max-length": 10000}``.
+    """
+
+    def decorate(handler: H) -> H:
+        spec = ConsumerSpec(
+            queue=queue,
+            handler=handler,
+            prefetch=prefetch,
+            timeout=timeout,
+            retry=retry,
+            bindings=bindings,
+            queue_type=queue_type,
+            durable=durable,
+            concurrency=concurrency,
+            arguments=arguments,
+        )
+        setattr(handler, SPEC_ATTRIBUTE, spec)
+        return handler
+
+    return decorate

@@ -1,0 +1,491 @@
+"""One consumer on one channel: each delivery becomes a handler task, each outcome a frame.
+
+Structure (design sections 3 to 5)::
+
+    Dispatcher.run                      one consumer, for the life of a connection
+      conn.channel()                    its own channel: prefetch and failure domain
+        task group "handlers"           owns the acker and one task per delivery
+          intake (a cancel scope)       basic.consume; cancelled by a shutdown
+          handler task                  move_on_after(timeout) around the handler,
+                                        then a shielded settlement
+
+A settlement is an ack (through the :class:`~._acks.AckTracker`, coalesced), a nack
+with requeue, or a confirmed publish of a copy to the retry queue or the dead-letter
+queue followed by the ack of the original. Settlements are shielded from cancellation
+and bounded by :data:`SETTLE_TIMEOUT`; a copy that could not be published leaves the
+original requeued rather than acked, so the worst case is a duplicate, never a loss.
+Frames for a channel are only ever sent on that channel object: a replaced channel
+has a new tracker and the old one's handlers are cancelled before it closes.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import math
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import anyio
+import anyio.abc
+import attrs
+
+from ._acks import AckTracker
+from ._backoff import DEFAULT_BACKOFF, Backoff
+from ._message import (
+    ATTEMPT_HEADER,
+    ORIGINAL_EXCHANGE_HEADER,
+    ORIGINAL_ROUTING_KEY_HEADER,
+    Message,
+)
+from ._outcome import Outcome, OutcomeKind, decide, error_type
+from ._retry import dead_letter_queue_name, retry_queue_arguments, retry_queue_name
+from ._topology import TopologyError, declare_consumer
+from .amqp import AMQPError, MessageReturned, Properties
+
+if TYPE_CHECKING:
+    import random as random_module
+
+    from pamqp.common import FieldTable
+
+    from ._consumer import ConsumerSpec
+    from ._publisher import PublishChannel
+    from .amqp import Channel, Connection, Delivery
+
+__all__ = ["SETTLE_TIMEOUT", "Dispatcher", "Shutdown"]
+
+logger = logging.getLogger("strictconsume")
+
+#: Seconds a settlement (a retry or dead-letter publish and its confirm, then the ack)
+#: may take before the original is requeued instead.
+SETTLE_TIMEOUT = 10.0
+
+OutcomeHook = Callable[[str, OutcomeKind, float], None]
+
+
+@attrs.define(eq=False)
+class Shutdown:
+    """The App's graceful stop, shared by its dispatchers (design section 5).
+
+    :meth:`request` stops intake everywhere and starts the grace period; a second
+    request (:meth:`force`) ends the grace period at once.
+    """
+
+    requested: bool = False
+    forced: bool = False
+    #: When the grace period ends (anyio.current_time() clock); inf before a request.
+    deadline: float = math.inf
+    _intakes: set[anyio.CancelScope] = attrs.Factory(set)
+    _graces: set[anyio.CancelScope] = attrs.Factory(set)
+    _event: anyio.Event = attrs.Factory(anyio.Event)
+
+    def request(self, grace_period: float) -> None:
+        if self.requested:
+            self.force()
+            return
+        self.requested = True
+        self.deadline = anyio.current_time() + grace_period
+        for scope in self._graces:
+            scope.deadline = self.deadline
+        for scope in list(self._intakes):
+            scope.cancel()
+        self._event.set()
+
+    def force(self) -> None:
+        self.forced = True
+        self.deadline = -math.inf
+        for scope in list(self._graces):
+            scope.cancel()
+
+    async def wait(self) -> None:
+        await self._event.wait()
+
+    def intake_scope(self) -> anyio.CancelScope:
+        """A cancel scope for intake; cancelled at once if a stop was requested."""
+        scope = anyio.CancelScope()
+        if self.requested:
+            scope.cancel()
+        self._intakes.add(scope)
+        return scope
+
+    def grace_scope(self) -> anyio.CancelScope:
+        """A cancel scope that ends with the grace period."""
+        scope = anyio.CancelScope(deadline=self.deadline)
+        if self.forced:
+            scope.cancel()
+        self._graces.add(scope)
+        return scope
+
+    def discard(self, scope: anyio.CancelScope) -> None:
+        self._intakes.discard(scope)
+        self._graces.discard(scope)
+
+
+class _ChannelState:
+    """What one dispatcher tracks for one channel."""
+
+    def __init__(self, ch: Channel, concurrency: int | None) -> None:
+        self.ch = ch
+        self.tracker = AckTracker()
+        self.inflight = 0
+        self.idle = anyio.Event()
+        self.idle.set()
+        self.ack_wanted = anyio.Event()
+        self.limit = anyio.Semaphore(concurrency) if concurrency else None
+
+    def started(self) -> None:
+        if self.inflight == 0:
+            self.idle = anyio.Event()
+        self.inflight += 1
+
+    def ended(self) -> None:
+        self.inflight -= 1
+        if self.limit is not None:
+            self.limit.release()
+        if self.inflight == 0:
+            self.idle.set()
+
+    async def acker(self) -> None:
+        while True:
+            await self.ack_wanted.wait()
+            self.ack_wanted = anyio.Event()
+            await self.flush()
+
+    def finish(self) -> None:
+        self.ack_wanted.set()
+
+    async def flush(self) -> None:
+        """Send the acks the tracker has ready (shielded: they are popped already)."""
+        acks = self.tracker.flush()
+        if not acks:
+            return
+        with anyio.CancelScope(shield=True), anyio.move_on_after(SETTLE_TIMEOUT):
+            for ack in acks:
+                if not self.ch.is_open:
+                    return  # the broker requeues everything of a closed channel
+                try:
+                    await self.ch.ack(ack.delivery_tag, multiple=ack.multiple)
+                except AMQPError as exc:
+                    logger.debug("ack of %d not sent: %s", ack.delivery_tag, exc)
+                    return
+
+    async def requeue(self, delivery_tag: int) -> None:
+        self.tracker.settled(delivery_tag)
+        if not self.ch.is_open:
+            return
+        with anyio.CancelScope(shield=True), anyio.move_on_after(SETTLE_TIMEOUT):
+            try:
+                await self.ch.nack(delivery_tag, requeue=True)
+            except AMQPError as exc:
+                logger.debug("nack of %d not sent: %s", delivery_tag, exc)
+
+
+def _copy_properties(properties: Properties, headers: FieldTable) -> Properties:
+    merged = dict(properties.headers or {})
+    merged.update(headers)
+    return Properties(
+        content_type=properties.content_type,
+        content_encoding=properties.content_encoding,
+        headers=merged,
+        delivery_mode=2,
+        priority=properties.priority,
+        correlation_id=properties.correlation_id,
+        reply_to=properties.reply_to,
+        expiration=properties.expiration,
+        message_id=properties.message_id,
+        timestamp=properties.timestamp,
+        message_type=properties.message_type,
+        user_id=properties.user_id,
+        app_id=properties.app_id,
+    )
+
+
+class Dispatcher:
+    """Runs one consumer (a :class:`ConsumerSpec`) on a connection."""
+
+    def __init__(
+        self,
+        spec: ConsumerSpec,
+        *,
+        prefetch: int,
+        shutdown: Shutdown,
+        on_outcome: OutcomeHook,
+        on_subscribed: Callable[[str, bool], None],
+        random: random_module.Random,
+        backoff: Backoff = DEFAULT_BACKOFF,
+    ) -> None:
+        self.spec = spec
+        self.queue = spec.queue
+        self.prefetch = prefetch
+        self.shutdown = shutdown
+        self._on_outcome = on_outcome
+        self._on_subscribed = on_subscribed
+        self._random = random
+        self._backoff = backoff
+
+    # -- the channel loop ---------------------------------------------------------------
+
+    async def run(
+        self,
+        conn: Connection,
+        publishing: PublishChannel,
+        *,
+        task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Consume until a shutdown drained this consumer.
+
+        Returns once subscribed (through ``task_status``); reopens its channel after
+        a channel error and resubscribes after a broker-sent cancel, with backoff.
+        Connection errors propagate: the supervisor owns reconnecting.
+        """
+        self._publishing = publishing
+        status: anyio.abc.TaskStatus[None] | None = task_status
+        failures = 0
+        declare = False  # the App declared the topology just before
+        while not self.shutdown.requested:
+            subscribed_at = math.inf
+
+            def subscribed() -> None:
+                nonlocal status, subscribed_at
+                subscribed_at = anyio.current_time()
+                self._on_subscribed(self.queue, True)
+                if status is not None:
+                    status.started()
+                    status = None
+
+            error: Exception | None = None
+            try:
+                async with conn.channel() as ch:
+                    await ch.qos(self.prefetch)
+                    if declare:
+                        await declare_consumer(ch, self.spec)
+                    error = await self._serve(ch, subscribed)
+            except (AMQPError, TopologyError) as exc:
+                error = exc
+            self._on_subscribed(self.queue, False)
+            if error is None:
+                return
+            if not conn.is_open:
+                raise error  # the supervisor reconnects
+            if anyio.current_time() - subscribed_at >= self._backoff.reset_after:
+                failures = 0
+            delay = self._backoff.delay(failures, self._random.random())
+            failures += 1
+            declare = True
+            logger.warning(
+                "consumer of queue %r stopped: %s; subscribing again in %.1f s",
+                self.queue,
+                error,
+                delay,
+            )
+            with self.shutdown.intake_scope() as scope:
+                await anyio.sleep(delay)
+            self.shutdown.discard(scope)
+
+    async def _serve(self, ch: Channel, subscribed: Callable[[], None]) -> AMQPError | None:
+        """Consume on ``ch`` until a shutdown (returns None) or an error (returned)."""
+        state = _ChannelState(ch, self.spec.concurrency)
+        error: AMQPError | None = None
+        try:
+            async with anyio.create_task_group() as handlers:
+                handlers.start_soon(state.acker)
+                intake = self.shutdown.intake_scope()
+                try:
+                    with intake:
+                        async with ch.consume(self.queue) as consumer:
+                            subscribed()
+                            async for delivery in consumer:
+                                await self._start(state, handlers, delivery)
+                except AMQPError as exc:  # channel closed, broker-sent cancel
+                    error = exc
+                finally:
+                    self.shutdown.discard(intake)
+                if error is None and state.inflight:
+                    await self._grace(state)
+                handlers.cancel_scope.cancel()
+        finally:
+            await state.flush()
+        return error
+
+    async def _start(
+        self, state: _ChannelState, handlers: anyio.abc.TaskGroup, delivery: Delivery
+    ) -> None:
+        state.tracker.received(delivery.delivery_tag)
+        if state.limit is not None:
+            try:
+                await state.limit.acquire()
+            except BaseException:  # intake stopped while waiting: give it back
+                await state.requeue(delivery.delivery_tag)
+                raise
+        state.started()
+        handlers.start_soon(self._handle, state, delivery)
+
+    async def _grace(self, state: _ChannelState) -> None:
+        remaining = self.shutdown.deadline - anyio.current_time()
+        logger.info(
+            "queue %r: waiting up to %.1f s for %d handler(s) still running",
+            self.queue,
+            max(remaining, 0.0),
+            state.inflight,
+        )
+        scope = self.shutdown.grace_scope()
+        try:
+            with scope:
+                await state.idle.wait()
+        finally:
+            self.shutdown.discard(scope)
+        if state.inflight:
+            logger.warning(
+                "queue %r: grace period over; cancelling %d handler(s), their messages "
+                "go back to the queue",
+                self.queue,
+                state.inflight,
+            )
+
+    # -- one delivery -------------------------------------------------------------------
+
+    async def _handle(self, state: _ChannelState, delivery: Delivery) -> None:
+        spec = self.spec
+        msg = Message.from_delivery(delivery, spec.queue)
+        started = anyio.current_time()
+        error: BaseException | None = None
+        try:
+            try:
+                with anyio.move_on_after(spec.timeout) as scope:
+                    await spec.handler(msg)
+                if scope.cancelled_caught:
+                    error = TimeoutError(f"the handler exceeded its timeout of {spec.timeout:g} s")
+            except Exception as exc:
+                error = exc
+            except anyio.get_cancelled_exc_class():
+                # shutdown after the grace period, or the channel/connection is gone
+                await state.requeue(delivery.delivery_tag)
+                self._record(msg, Outcome(OutcomeKind.CANCELLED), started, None)
+                raise
+            except BaseException as exc:  # KeyboardInterrupt, SystemExit, ...
+                await state.requeue(delivery.delivery_tag)
+                self._record(msg, Outcome(OutcomeKind.REQUEUE), started, exc)
+                raise
+            outcome = decide(error, attempt=msg.attempt, retry=spec.retry)
+            with anyio.CancelScope(shield=True):
+                outcome = await self._settle(state, msg, outcome)
+            self._record(msg, outcome, started, error)
+        finally:
+            state.ended()
+
+    async def _settle(self, state: _ChannelState, msg: Message, outcome: Outcome) -> Outcome:
+        """Carry out ``outcome``; returns what was actually done."""
+        tag = msg.delivery_tag
+        kind = outcome.kind
+        if kind is OutcomeKind.ACK:
+            state.tracker.finished(tag)
+            if state.inflight == 1:
+                await state.flush()  # nothing else running: no batch to wait for
+            else:
+                state.finish()
+            return outcome
+        if kind is OutcomeKind.REQUEUE:
+            await state.requeue(tag)
+            return outcome
+        published = False
+        with anyio.move_on_after(SETTLE_TIMEOUT):
+            try:
+                if kind is OutcomeKind.RETRY:
+                    await self._publish_retry(msg, outcome)
+                else:
+                    await self._publish_dead_letter(msg, outcome)
+                published = True
+            except AMQPError as exc:
+                logger.error(
+                    "queue %r: could not publish message %r (delivery_tag %d) to its %s "
+                    "queue: %s; it goes back to the queue",
+                    self.queue,
+                    msg.message_id,
+                    tag,
+                    "retry" if kind is OutcomeKind.RETRY else "dead-letter",
+                    exc,
+                )
+        if not published:
+            await state.requeue(tag)
+            return Outcome(OutcomeKind.REQUEUE, error_type=outcome.error_type)
+        state.tracker.finished(tag)
+        if state.inflight == 1:
+            await state.flush()
+        else:
+            state.finish()
+        return outcome
+
+    async def _publish_retry(self, msg: Message, outcome: Outcome) -> None:
+        assert outcome.delay is not None
+        headers: FieldTable = {ATTEMPT_HEADER: msg.attempt + 1}
+        if ORIGINAL_ROUTING_KEY_HEADER not in msg.headers:
+            headers[ORIGINAL_EXCHANGE_HEADER] = msg.exchange
+            headers[ORIGINAL_ROUTING_KEY_HEADER] = msg.routing_key
+        properties = _copy_properties(msg.properties, headers)
+        name = retry_queue_name(self.queue, outcome.delay)
+        try:
+            await self._publishing.publish(
+                msg.body, exchange="", routing_key=name, properties=properties, mandatory=True
+            )
+        except MessageReturned:
+            # A delay outside the policy (RetryLater(delay=...)), or a deleted retry
+            # queue: declare it and publish once more.
+            await self._publishing.declare_queue(
+                name, retry_queue_arguments(self.queue, outcome.delay), durable=self.spec.durable
+            )
+            await self._publishing.publish(
+                msg.body, exchange="", routing_key=name, properties=properties, mandatory=True
+            )
+
+    async def _publish_dead_letter(self, msg: Message, outcome: Outcome) -> None:
+        now = datetime.datetime.now(datetime.UTC)
+        headers: FieldTable = {
+            "x-error-type": outcome.error_type,
+            "x-error-message": outcome.error_message,
+            "x-failed-queue": self.queue,
+            ATTEMPT_HEADER: msg.attempt,
+            "x-failed-at": now.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+        }
+        if ORIGINAL_ROUTING_KEY_HEADER not in msg.headers:
+            headers[ORIGINAL_EXCHANGE_HEADER] = msg.exchange
+            headers[ORIGINAL_ROUTING_KEY_HEADER] = msg.routing_key
+        await self._publishing.publish(
+            msg.body,
+            exchange="",
+            routing_key=dead_letter_queue_name(self.queue),
+            properties=_copy_properties(msg.properties, headers),
+            mandatory=True,
+        )
+
+    def _record(
+        self, msg: Message, outcome: Outcome, started: float, error: BaseException | None
+    ) -> None:
+        duration = anyio.current_time() - started
+        self._on_outcome(self.queue, outcome.kind, duration)
+        if outcome.kind is OutcomeKind.ACK or outcome.kind is OutcomeKind.CANCELLED:
+            return
+        if outcome.kind is OutcomeKind.RETRY:
+            action = f"retry in {outcome.delay:g} s"
+        elif outcome.kind is OutcomeKind.DEAD_LETTER:
+            action = f"dead-lettered to {dead_letter_queue_name(self.queue)!r}"
+        else:
+            action = "requeued"
+        logger.warning(
+            "queue %r: message %r (delivery_tag %d, attempt %d) failed after %.3f s: %s: %s; %s",
+            self.queue,
+            msg.message_id,
+            msg.delivery_tag,
+            msg.attempt,
+            duration,
+            error_type(error) if error is not None else outcome.error_type or "Requeue",
+            error if error is not None else "",
+            action,
+            extra={
+                "queue": self.queue,
+                "message_id": msg.message_id,
+                "delivery_tag": msg.delivery_tag,
+                "attempt": msg.attempt,
+                "duration": duration,
+                "outcome": outcome.kind.value,
+            },
+        )

@@ -1,0 +1,163 @@
+"""What a handler receives: :class:`Message`."""
+
+from __future__ import annotations
+
+import datetime
+import json
+from typing import TYPE_CHECKING, Any
+
+import attrs
+
+if TYPE_CHECKING:
+    from pamqp.common import FieldTable
+
+    from .amqp import Delivery, Properties
+
+__all__ = [
+    "ATTEMPT_HEADER",
+    "ORIGINAL_EXCHANGE_HEADER",
+    "ORIGINAL_ROUTING_KEY_HEADER",
+    "DecodeError",
+    "Message",
+    "attempt_of",
+]
+
+#: The attempt number a retried copy carries (1 on the first delivery, absent there).
+ATTEMPT_HEADER = "x-attempt"
+#: Where a message was first published; a retried copy travels through the retry
+#: queue with a different exchange and routing key, so the original ones ride along.
+ORIGINAL_EXCHANGE_HEADER = "x-original-exchange"
+ORIGINAL_ROUTING_KEY_HEADER = "x-original-routing-key"
+
+
+class DecodeError(ValueError):
+    """The message body is not what the handler asked for (invalid UTF-8, not JSON).
+
+    Raised by :meth:`Message.text` and :meth:`Message.json`. When it escapes the
+    handler, the message is dead-lettered at once: bad input is not retried.
+    """
+
+
+def attempt_of(headers: FieldTable | None) -> int:
+    """The attempt number recorded in a message's headers (1 when absent or garbled)."""
+    if not headers:
+        return 1
+    value = headers.get(ATTEMPT_HEADER)
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+        return value
+    if isinstance(value, bytes | bytearray | str):
+        text = value.decode("ascii", "replace") if not isinstance(value, str) else value
+        if text.isdigit() and int(text) >= 1:
+            return int(text)
+    return 1
+
+
+def _text(value: object, default: str) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bytes | bytearray):
+        return value.decode("utf-8", "replace")
+    return default
+
+
+@attrs.frozen(repr=False)
+class Message:
+    """One delivery, as a handler sees it.
+
+    ``routing_key`` and ``exchange`` are those the message was first published with,
+    also on a retried copy (which reaches the queue again through its retry queue).
+    ``attempt`` is 1 on the first delivery and counts retries; a requeue (``Requeue``,
+    a shutdown, a lost connection) does not count as an attempt.
+    """
+
+    body: bytes
+    properties: Properties
+    delivery_tag: int
+    redelivered: bool
+    exchange: str
+    routing_key: str
+    queue: str
+    attempt: int
+    consumer_tag: str = ""
+
+    @classmethod
+    def from_delivery(cls, delivery: Delivery, queue: str) -> Message:
+        headers = delivery.properties.headers
+        exchange, routing_key = delivery.exchange, delivery.routing_key
+        if headers and ORIGINAL_ROUTING_KEY_HEADER in headers:
+            exchange = _text(headers.get(ORIGINAL_EXCHANGE_HEADER), exchange)
+            routing_key = _text(headers.get(ORIGINAL_ROUTING_KEY_HEADER), routing_key)
+        return cls(
+            body=delivery.body,
+            properties=delivery.properties,
+            delivery_tag=delivery.delivery_tag,
+            redelivered=delivery.redelivered,
+            exchange=exchange,
+            routing_key=routing_key,
+            queue=queue,
+            attempt=attempt_of(headers),
+            consumer_tag=delivery.consumer_tag,
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"<Message queue={self.queue!r} delivery_tag={self.delivery_tag} "
+            f"message_id={self.message_id!r} attempt={self.attempt} "
+            f"body={len(self.body)} bytes>"
+        )
+
+    @property
+    def headers(self) -> FieldTable:
+        """The message's headers (an empty dict when it has none)."""
+        return self.properties.headers or {}
+
+    @property
+    def message_id(self) -> str | None:
+        return self.properties.message_id
+
+    @property
+    def correlation_id(self) -> str | None:
+        return self.properties.correlation_id
+
+    @property
+    def content_type(self) -> str | None:
+        return self.properties.content_type
+
+    @property
+    def reply_to(self) -> str | None:
+        return self.properties.reply_to
+
+    @property
+    def timestamp(self) -> datetime.datetime | None:
+        return self.properties.timestamp
+
+    def text(self, encoding: str = "utf-8") -> str:
+        """The body as text.
+
+        Raises:
+            DecodeError: the body is not valid in ``encoding``; the message is then
+                dead-lettered without retries.
+        """
+        try:
+            return self.body.decode(encoding)
+        except UnicodeDecodeError as exc:
+            raise DecodeError(
+                f"the body of message {self.message_id!r} from queue {self.queue!r} is not "
+                f"valid {encoding} (byte {exc.start}: {exc.reason})"
+            ) from exc
+
+    def json(self) -> Any:
+        """The body parsed as JSON.
+
+        Raises:
+            DecodeError: the body is not UTF-8 JSON; the message is then dead-lettered
+                without retries (retrying cannot fix bad input).
+        """
+        text = self.text()
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise DecodeError(
+                f"the body of message {self.message_id!r} from queue {self.queue!r} is not "
+                f"JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
+            ) from exc

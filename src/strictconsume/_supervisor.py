@@ -1,0 +1,237 @@
+"""The connection's lifetime: connect, declare, subscribe, and reconnect with backoff.
+
+::
+
+    Supervisor.run                      the App's one connection at a time
+      connect(url)                      cycling through the URLs given (cluster nodes)
+        declare every consumer's topology (406 -> TopologyError)
+        task group
+          PublishChannel.run            the confirmed channel for retries, dead letters
+                                        and app.publisher()
+          Dispatcher.run, one per consumer
+
+When the connection is lost, its task group cancels every handler on it (their
+messages go back to the queue on the broker's side), and the loop connects again
+after ``Backoff.delay(attempt, random)`` seconds: exponential, full jitter, reset once
+a connection lived ``reset_after`` seconds. Readiness is false until every consumer
+has subscribed again.
+
+Errors that retrying cannot fix are fatal *at start-up* (before the first time every
+consumer was subscribed): a refused login (403), an unknown vhost (530), a peer that
+does not speak AMQP, a topology mismatch. They raise :class:`StartupError` with a
+one-line reason. After start-up every error is retried, loudly, since a broker being
+reconfigured or restarted is expected to come back.
+"""
+
+from __future__ import annotations
+
+import logging
+import random as random_module
+from collections.abc import Callable, Sequence
+from contextlib import AbstractAsyncContextManager
+from typing import TYPE_CHECKING
+
+import anyio
+import anyio.abc
+
+from ._backoff import DEFAULT_BACKOFF, Backoff
+from ._dispatch import Dispatcher, OutcomeHook, Shutdown
+from ._publisher import PublishChannel, PublishChannelSlot
+from ._topology import TopologyError, declare_consumer
+from .amqp import (
+    AMQPError,
+    Connection,
+    ConnectionClosed,
+    ConnectionParameters,
+    RemoteProtocolError,
+    connect,
+)
+
+if TYPE_CHECKING:
+    from ._consumer import ConsumerSpec
+
+__all__ = ["StartupError", "Supervisor"]
+
+logger = logging.getLogger("strictconsume")
+
+Connect = Callable[[ConnectionParameters], AbstractAsyncContextManager[Connection]]
+
+#: Reply codes of a connection.close that retrying will not fix at start-up.
+FATAL_REPLY_CODES = frozenset({403, 530})
+
+
+class StartupError(Exception):
+    """The App cannot start and retrying would not help (wrong credentials, unknown
+    vhost, not an AMQP broker, a queue that exists with other arguments)."""
+
+
+def _leaf(exc: BaseException) -> BaseException:
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
+
+
+def _connect(params: ConnectionParameters) -> AbstractAsyncContextManager[Connection]:
+    return connect(params)
+
+
+class Supervisor:
+    """Keeps an App's consumers connected and subscribed until the shutdown."""
+
+    def __init__(
+        self,
+        specs: Sequence[ConsumerSpec],
+        parameters: Sequence[ConnectionParameters],
+        *,
+        prefetch: int,
+        shutdown: Shutdown,
+        publishing: PublishChannelSlot,
+        on_outcome: OutcomeHook,
+        random: random_module.Random | None = None,
+        backoff: Backoff = DEFAULT_BACKOFF,
+        connect: Connect = _connect,
+    ) -> None:
+        if not parameters:
+            raise ValueError("at least one URL is needed")
+        self.specs = tuple(specs)
+        self.parameters = tuple(parameters)
+        self.shutdown = shutdown
+        self.backoff = backoff
+        self.random = random if random is not None else random_module.Random()
+        self._connect = connect
+        self._publishing = publishing
+        self.connected = False
+        self.ever_ready = False
+        self.reconnects = 0
+        self.subscribed: set[str] = set()
+        self.dispatchers = [
+            Dispatcher(
+                spec,
+                prefetch=spec.prefetch or prefetch,
+                shutdown=shutdown,
+                on_outcome=on_outcome,
+                on_subscribed=self._on_subscribed,
+                random=self.random,
+                backoff=backoff,
+            )
+            for spec in self.specs
+        ]
+        self._ready_event = anyio.Event()
+
+    @property
+    def ready(self) -> bool:
+        """Connected, and every consumer subscribed."""
+        return self.connected and len(self.subscribed) == len(self.specs)
+
+    def _on_subscribed(self, queue: str, subscribed: bool) -> None:
+        if subscribed:
+            self.subscribed.add(queue)
+        else:
+            self.subscribed.discard(queue)
+
+    async def run(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Run until a shutdown finished; ``task_status`` is signalled once every
+        consumer is subscribed for the first time (or the App is stopping).
+
+        Raises:
+            StartupError: a fatal error before the first full subscription.
+        """
+        attempt = 0
+        index = 0
+        try:
+            while not self.shutdown.requested:
+                params = self.parameters[index % len(self.parameters)]
+                connected_at: float | None = None
+                error: BaseException | None = None
+                attempt_scope = self.shutdown.intake_scope()  # a stop cancels start-up
+                try:
+                    with attempt_scope:
+                        async with self._connect(params) as conn:
+                            connected_at = anyio.current_time()
+                            self.connected = True
+                            logger.info("connected to %s", params.url)
+                            await self._session(conn, task_status, attempt_scope)
+                except Exception as exc:
+                    error = _leaf(exc)
+                    self._check_fatal(error, params)
+                finally:
+                    self.shutdown.discard(attempt_scope)
+                    self.connected = False
+                    self.subscribed.clear()
+                    self._publishing.set(None)
+                if self._stopping():
+                    break
+                if connected_at is not None:
+                    self.reconnects += 1
+                    if anyio.current_time() - connected_at >= self.backoff.reset_after:
+                        attempt = 0
+                delay = self.backoff.delay(attempt, self.random.random())
+                attempt += 1
+                index += 1
+                if isinstance(error, AMQPError | OSError | TopologyError):
+                    reason = str(error)
+                    logger.warning(
+                        "connection to %s lost: %s; reconnecting in %.2f s (to %s)",
+                        params.url,
+                        reason,
+                        delay,
+                        self.parameters[index % len(self.parameters)].url,
+                    )
+                else:
+                    logger.error(
+                        "unexpected error on the connection to %s; reconnecting in %.2f s",
+                        params.url,
+                        delay,
+                        exc_info=error,
+                    )
+                with self.shutdown.intake_scope() as sleep_scope:
+                    await anyio.sleep(delay)
+                self.shutdown.discard(sleep_scope)
+        finally:
+            if not self.ever_ready and self.shutdown.requested:
+                task_status.started()  # stopped during start-up: nothing to wait for
+
+    def _stopping(self) -> bool:
+        return self.shutdown.requested
+
+    def _check_fatal(self, error: BaseException, params: ConnectionParameters) -> None:
+        if self.ever_ready:
+            return
+        if isinstance(error, TopologyError):
+            raise StartupError(str(error)) from error
+        if isinstance(error, ConnectionClosed) and error.reply_code in FATAL_REPLY_CODES:
+            raise StartupError(f"cannot connect to {params.url}: {error}") from error
+        if isinstance(error, RemoteProtocolError):
+            raise StartupError(
+                f"{params.url} does not answer as an AMQP 0-9-1 broker: {error}"
+            ) from error
+
+    async def _session(
+        self,
+        conn: Connection,
+        task_status: anyio.abc.TaskStatus[None],
+        attempt_scope: anyio.CancelScope,
+    ) -> None:
+        """Declare, subscribe every consumer, serve until the shutdown drained them."""
+        async with conn.channel() as ch:
+            for spec in self.specs:
+                await declare_consumer(ch, spec)
+        publishing = PublishChannel()
+        async with anyio.create_task_group() as tg:
+            await tg.start(publishing.run, conn)
+            self._publishing.set(publishing)
+            async with anyio.create_task_group() as consumers:
+                for dispatcher in self.dispatchers:
+                    await consumers.start(dispatcher.run, conn, publishing)
+                # Subscribed: from here a stop drains gracefully instead of cancelling.
+                self.shutdown.discard(attempt_scope)
+                logger.info(
+                    "ready: consuming %s",
+                    ", ".join(repr(spec.queue) for spec in self.specs) or "nothing",
+                )
+                if not self.ever_ready:
+                    self.ever_ready = True
+                    task_status.started()
+            tg.cancel_scope.cancel()

@@ -1,0 +1,94 @@
+"""Declaring what a consumer needs on the broker: exchanges, bindings, the queue, its
+retry queues and its dead-letter queue (the layout is described in :mod:`._retry`).
+
+Declarations are idempotent, so they run again after every reconnect and before a
+resubscribe (the queue may have been deleted). A declaration that conflicts with what
+the broker has (406 PRECONDITION_FAILED: a queue that exists with other arguments) is
+a :class:`TopologyError`, worded to say which queue and what to do.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ._retry import (
+    dead_letter_queue_name,
+    main_queue_arguments,
+    retry_queue_arguments,
+    retry_queue_name,
+)
+from .amqp import ChannelClosed
+
+if TYPE_CHECKING:
+    from pamqp.common import FieldTable
+
+    from ._consumer import ConsumerSpec
+    from .amqp import Channel
+
+__all__ = ["TopologyError", "declare_consumer", "queue_arguments"]
+
+
+class TopologyError(Exception):
+    """The broker refused a declaration: the queue or exchange exists with different
+    settings (406), or the user may not declare it (403)."""
+
+    def __init__(self, what: str, error: ChannelClosed) -> None:
+        self.error = error
+        self.reply_code = error.reply_code
+        if error.reply_code == 406:
+            advice = (
+                f"{what} exists on the broker with different settings ({error.reply_text}). "
+                "Change the consumer's options to match, or delete it on the broker "
+                "(its messages go with it) so that it is declared afresh"
+            )
+        elif error.reply_code == 403:
+            advice = (
+                f"the broker refused to declare {what} ({error.reply_text}); give the "
+                "user configure permission on it, or declare it beforehand"
+            )
+        else:
+            advice = f"the broker refused to declare {what}: {error}"
+        super().__init__(advice)
+
+
+def queue_arguments(spec: ConsumerSpec) -> FieldTable:
+    """The arguments the consumer's queue is declared with."""
+    arguments: FieldTable = dict(spec.arguments or {})
+    arguments.update(main_queue_arguments(spec.queue))
+    if spec.queue_type == "quorum":
+        arguments["x-queue-type"] = "quorum"
+    return arguments
+
+
+async def declare_consumer(ch: Channel, spec: ConsumerSpec) -> None:
+    """Declare everything ``spec`` consumes from, in an order where each piece exists
+    before something refers to it. On error the channel is closed by the broker.
+
+    Raises:
+        TopologyError: the broker refused a declaration (406 or 403 and others).
+    """
+    queue = spec.queue
+    what = f"the dead-letter queue {dead_letter_queue_name(queue)!r}"
+    try:
+        await ch.queue_declare(dead_letter_queue_name(queue), durable=spec.durable)
+        for delay in sorted(set(spec.retry.delays)):
+            name = retry_queue_name(queue, delay)
+            what = f"the retry queue {name!r}"
+            await ch.queue_declare(
+                name, durable=spec.durable, arguments=retry_queue_arguments(queue, delay)
+            )
+        what = f"queue {queue!r}"
+        await ch.queue_declare(queue, durable=spec.durable, arguments=queue_arguments(spec))
+        for binding in spec.bindings:
+            what = f"exchange {binding.exchange!r}"
+            await ch.exchange_declare(
+                binding.exchange,
+                binding.exchange_type,
+                passive=binding.exchange.startswith("amq."),
+                durable=binding.durable,
+                arguments=binding.arguments,
+            )
+            what = f"the binding of queue {queue!r} to exchange {binding.exchange!r}"
+            await ch.queue_bind(queue, binding.exchange, binding.routing_key)
+    except ChannelClosed as exc:
+        raise TopologyError(what, exc) from exc
