@@ -252,7 +252,8 @@ class App:
         finally:
             self._supervisor = None
             self._shutdown = None
-        logger.info("stopped")
+        if startup_error is None:
+            logger.info("stopped")
         if startup_error is not None:
             raise startup_error
         if body_error is not None:
@@ -264,16 +265,20 @@ class App:
         Signals are only handled in the main thread; pass ``handle_signals=False``
         when the host program handles them.
         """
-        self._shutdown = Shutdown()
+        shutdown = self._shutdown = Shutdown()
+        error: BaseException | None = None
         async with anyio.create_task_group() as tg:
             if handle_signals and threading.current_thread() is threading.main_thread():
                 await tg.start(self._watch_signals)
             try:
                 async with self.running():
-                    assert self._shutdown is not None
-                    await self._shutdown.wait()
+                    await shutdown.wait()
+            except BaseException as exc:  # re-raised below, outside the task group
+                error = exc
             finally:
                 tg.cancel_scope.cancel()
+        if error is not None:
+            raise error
 
     async def _watch_signals(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:

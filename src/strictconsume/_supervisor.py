@@ -170,14 +170,14 @@ class Supervisor:
                 delay = self.backoff.delay(attempt, self.random.random())
                 attempt += 1
                 index += 1
+                following = self.parameters[index % len(self.parameters)].url
                 if isinstance(error, AMQPError | OSError | TopologyError):
-                    reason = str(error)
                     logger.warning(
-                        "connection to %s lost: %s; reconnecting in %.2f s (to %s)",
-                        params.url,
-                        reason,
+                        "%s: %s; reconnecting in %.2f s to %s",
+                        "connection lost" if connected_at is not None else "cannot connect",
+                        error,
                         delay,
-                        self.parameters[index % len(self.parameters)].url,
+                        following,
                     )
                 else:
                     logger.error(
@@ -202,7 +202,7 @@ class Supervisor:
         if isinstance(error, TopologyError):
             raise StartupError(str(error)) from error
         if isinstance(error, ConnectionClosed) and error.reply_code in FATAL_REPLY_CODES:
-            raise StartupError(f"cannot connect to {params.url}: {error}") from error
+            raise StartupError(str(error)) from error
         if isinstance(error, RemoteProtocolError):
             raise StartupError(
                 f"{params.url} does not answer as an AMQP 0-9-1 broker: {error}"
