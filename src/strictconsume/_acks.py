@@ -47,6 +47,8 @@ class AckTracker:
     _finished: set[int] = attrs.field(factory=set, init=False)
     #: Tags settled (acked singly, nacked, rejected) but still inside the window.
     _settled: set[int] = attrs.field(factory=set, init=False)
+    #: Tags received whose handler has not finished and that are not settled.
+    _running: set[int] = attrs.field(factory=set, init=False)
     _last_received: int = attrs.field(default=0, init=False)
 
     def received(self, delivery_tag: int) -> None:
@@ -57,6 +59,7 @@ class AckTracker:
             )
         self._last_received = delivery_tag
         self._window.append(delivery_tag)
+        self._running.add(delivery_tag)
 
     def finished(self, delivery_tag: int) -> None:
         """The handler of this tag finished and its message is to be acked."""
@@ -109,10 +112,7 @@ class AckTracker:
             settled.discard(window.popleft())
 
     def _check_unsettled(self, delivery_tag: int) -> None:
-        if (
-            delivery_tag in self._finished
-            or delivery_tag in self._settled
-            or not self._window
-            or not self._window[0] <= delivery_tag <= self._last_received
-        ):
-            raise ValueError(f"delivery tag {delivery_tag} is not awaiting settlement")
+        try:
+            self._running.remove(delivery_tag)
+        except KeyError:
+            raise ValueError(f"delivery tag {delivery_tag} is not awaiting settlement") from None

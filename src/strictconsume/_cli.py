@@ -110,7 +110,8 @@ def load_app(target: str) -> App:
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
-        if exc.name is not None and module_name.startswith(exc.name):
+        missing = exc.name or ""
+        if missing == module_name or module_name.startswith(missing + "."):
             raise UsageError(
                 f"cannot import module {module_name!r}: {exc}; run from the directory "
                 "that contains it, or install it"
@@ -128,18 +129,25 @@ def load_app(target: str) -> App:
 
 
 def _collect(module: types.ModuleType) -> App:
+    apps = [value for value in vars(module).values() if isinstance(value, App)]
+    in_apps = {id(spec) for app in apps for spec in app.consumers}
     specs = [
         value.__dict__[SPEC_ATTRIBUTE]
         for value in vars(module).values()
         if inspect.isfunction(value)
         and isinstance(value.__dict__.get(SPEC_ATTRIBUTE), ConsumerSpec)
+        and id(value.__dict__[SPEC_ATTRIBUTE]) not in in_apps
     ]
+    if specs and apps:
+        raise UsageError(
+            f"module {module.__name__!r} has both an App and @strictconsume.consumer "
+            f"functions outside it; name the App as {module.__name__}:ATTR"
+        )
     if specs:
         app = App()
         for spec in specs:
             app.add_consumer(spec)
         return app
-    apps = [value for value in vars(module).values() if isinstance(value, App)]
     if len(apps) == 1:
         return apps[0]
     raise UsageError(

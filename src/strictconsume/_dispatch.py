@@ -59,6 +59,9 @@ logger = logging.getLogger("strictconsume")
 #: Seconds a settlement (a retry or dead-letter publish and its confirm, then the ack)
 #: may take before the original is requeued instead.
 SETTLE_TIMEOUT = 10.0
+#: Seconds to hold a message whose copy could not be published before requeueing it,
+#: so that a broker refusing every copy does not turn into a busy redelivery loop.
+SETTLE_FAILURE_PAUSE = 1.0
 
 OutcomeHook = Callable[[str, OutcomeKind, float], None]
 
@@ -181,6 +184,10 @@ class _ChannelState:
 
 
 def _copy_properties(properties: Properties, headers: FieldTable) -> Properties:
+    """The properties of a retry or dead-letter copy: the original's plus ``headers``,
+    persistent, and without ``expiration`` (as the broker's own dead-lettering does:
+    a per-message TTL would silently drop the copy from the dead-letter queue, or cut
+    a retry delay short)."""
     merged = dict(properties.headers or {})
     merged.update(headers)
     return Properties(
@@ -191,7 +198,6 @@ def _copy_properties(properties: Properties, headers: FieldTable) -> Properties:
         priority=properties.priority,
         correlation_id=properties.correlation_id,
         reply_to=properties.reply_to,
-        expiration=properties.expiration,
         message_id=properties.message_id,
         timestamp=properties.timestamp,
         message_type=properties.message_type,
@@ -406,6 +412,7 @@ class Dispatcher:
                     exc,
                 )
         if not published:
+            await anyio.sleep(SETTLE_FAILURE_PAUSE)
             await state.requeue(tag)
             return Outcome(OutcomeKind.REQUEUE, error_type=outcome.error_type)
         state.tracker.finished(tag)
@@ -421,20 +428,28 @@ class Dispatcher:
         if ORIGINAL_ROUTING_KEY_HEADER not in msg.headers:
             headers[ORIGINAL_EXCHANGE_HEADER] = msg.exchange
             headers[ORIGINAL_ROUTING_KEY_HEADER] = msg.routing_key
+        await self._publish_copy(
+            msg,
+            retry_queue_name(self.queue, outcome.delay),
+            retry_queue_arguments(self.queue, outcome.delay),
+            headers,
+        )
+
+    async def _publish_copy(
+        self, msg: Message, queue: str, arguments: FieldTable | None, headers: FieldTable
+    ) -> None:
+        """Publish a confirmed copy of ``msg`` to ``queue``; when no such queue exists
+        (a delay outside the policy, or a queue deleted on the broker) declare it and
+        publish once more."""
         properties = _copy_properties(msg.properties, headers)
-        name = retry_queue_name(self.queue, outcome.delay)
         try:
             await self._publishing.publish(
-                msg.body, exchange="", routing_key=name, properties=properties, mandatory=True
+                msg.body, exchange="", routing_key=queue, properties=properties, mandatory=True
             )
         except MessageReturned:
-            # A delay outside the policy (RetryLater(delay=...)), or a deleted retry
-            # queue: declare it and publish once more.
-            await self._publishing.declare_queue(
-                name, retry_queue_arguments(self.queue, outcome.delay), durable=self.spec.durable
-            )
+            await self._publishing.declare_queue(queue, arguments, durable=self.spec.durable)
             await self._publishing.publish(
-                msg.body, exchange="", routing_key=name, properties=properties, mandatory=True
+                msg.body, exchange="", routing_key=queue, properties=properties, mandatory=True
             )
 
     async def _publish_dead_letter(self, msg: Message, outcome: Outcome) -> None:
@@ -449,13 +464,7 @@ class Dispatcher:
         if ORIGINAL_ROUTING_KEY_HEADER not in msg.headers:
             headers[ORIGINAL_EXCHANGE_HEADER] = msg.exchange
             headers[ORIGINAL_ROUTING_KEY_HEADER] = msg.routing_key
-        await self._publishing.publish(
-            msg.body,
-            exchange="",
-            routing_key=dead_letter_queue_name(self.queue),
-            properties=_copy_properties(msg.properties, headers),
-            mandatory=True,
-        )
+        await self._publish_copy(msg, dead_letter_queue_name(self.queue), None, headers)
 
     def _record(
         self, msg: Message, outcome: Outcome, started: float, error: BaseException | None

@@ -128,7 +128,9 @@ class PublishChannel:
             self._channel_failed(ch)
             raise
 
-    async def declare_queue(self, queue: str, arguments: FieldTable, *, durable: bool) -> None:
+    async def declare_queue(
+        self, queue: str, arguments: FieldTable | None, *, durable: bool
+    ) -> None:
         """Declare a queue on the publishing channel (used for on-demand retry queues)."""
         ch = await self.channel()
         try:

@@ -225,6 +225,8 @@ class Supervisor:
             async with anyio.create_task_group() as consumers:
                 for dispatcher in self.dispatchers:
                     await consumers.start(dispatcher.run, conn, publishing)
+                if not self.dispatchers:  # an App used only to publish
+                    consumers.start_soon(self.shutdown.wait)
                 # Subscribed: from here a stop drains gracefully instead of cancelling.
                 self.shutdown.discard(attempt_scope)
                 logger.info(
