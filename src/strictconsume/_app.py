@@ -77,6 +77,7 @@ class App:
         self._publishing = PublishChannelSlot()
         self._random = random_module.Random()
         self._grace_period: float | None = None
+        self._fatal_error: BaseException | None = None
         #: Messages handled since start, by (queue, outcome): "ack", "retry", ...
         self.outcomes: Counter[tuple[str, str]] = Counter()
 
@@ -171,6 +172,14 @@ class App:
     def _record(self, queue: str, kind: OutcomeKind, duration: float) -> None:
         self.outcomes[queue, kind.value] += 1
 
+    def _fatal(self, exc: BaseException) -> None:
+        """A handler raised SystemExit, KeyboardInterrupt or another BaseException: stop
+        gracefully, then :meth:`run` raises it."""
+        if self._fatal_error is None:
+            self._fatal_error = exc
+        if self._shutdown is not None and not self._shutdown.requested:
+            self.stop()
+
     # -- running ------------------------------------------------------------------------
 
     def _warn_about_timeouts(self, settings: Settings) -> None:
@@ -229,10 +238,12 @@ class App:
             shutdown=shutdown,
             publishing=self._publishing,
             on_outcome=self._record,
+            on_fatal=self._fatal,
             random=self._random,
         )
         self._supervisor = supervisor
         self._grace_period = settings.grace_period
+        self._publishing.start()
         startup_error: BaseException | None = None
         body_error: BaseException | None = None
         try:
@@ -250,6 +261,7 @@ class App:
                         if not shutdown.requested:
                             self.stop()
         finally:
+            self._publishing.stop()
             self._supervisor = None
             self._shutdown = None
         if startup_error is None:
@@ -258,6 +270,9 @@ class App:
             raise startup_error
         if body_error is not None:
             raise body_error
+        fatal, self._fatal_error = self._fatal_error, None
+        if fatal is not None:
+            raise fatal
 
     async def run(self, *, handle_signals: bool = True) -> None:
         """Run until :meth:`stop`, SIGTERM or SIGINT (a second signal skips the grace).

@@ -33,6 +33,7 @@ __all__ = ["load_app", "main"]
 EXIT_OK = 0
 EXIT_STARTUP = 1
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
 
 
 class UsageError(Exception):
@@ -225,4 +226,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except StartupError as exc:
         print(f"strictconsume: error: {exc}", file=sys.stderr)
         return EXIT_STARTUP
+    except KeyboardInterrupt:  # raised by a handler; the App stopped gracefully first
+        return EXIT_INTERRUPTED
     return EXIT_OK

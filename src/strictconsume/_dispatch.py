@@ -41,7 +41,7 @@ from ._message import (
 from ._outcome import Outcome, OutcomeKind, decide, error_type
 from ._retry import dead_letter_queue_name, retry_queue_arguments, retry_queue_name
 from ._topology import TopologyError, declare_consumer
-from .amqp import AMQPError, MessageReturned, Properties
+from .amqp import AMQPError, ChannelClosed, MessageReturned, Properties
 
 if TYPE_CHECKING:
     import random as random_module
@@ -134,6 +134,10 @@ class _ChannelState:
         self.idle = anyio.Event()
         self.idle.set()
         self.ack_wanted = anyio.Event()
+        self.flushing = False
+        #: Set when the handlers are being cancelled (grace over, channel lost): a
+        #: handler that swallows the cancellation and returns is requeued, not acked.
+        self.cancelling = False
         self.limit = anyio.Semaphore(concurrency) if concurrency else None
 
     def started(self) -> None:
@@ -158,27 +162,46 @@ class _ChannelState:
         self.ack_wanted.set()
 
     async def flush(self) -> None:
-        """Send the acks the tracker has ready (shielded: they are popped already)."""
-        acks = self.tracker.flush()
-        if not acks:
+        """Send the acks the tracker has ready, in order.
+
+        One flush at a time: an ack can wait (backpressure), and a second flusher
+        overtaking it could send ack(8, multiple) before a pending single ack(6),
+        which the broker would then reject as an unknown tag. The flush in progress
+        loops until the tracker has nothing left, so a caller that finds one running
+        has nothing to do. Shielded: the acks are popped from the tracker already.
+        """
+        if self.flushing or not self.tracker.pending:
             return
-        with anyio.CancelScope(shield=True), anyio.move_on_after(SETTLE_TIMEOUT):
-            for ack in acks:
-                if not self.ch.is_open:
-                    return  # the broker requeues everything of a closed channel
-                try:
-                    await self.ch.ack(ack.delivery_tag, multiple=ack.multiple)
-                except AMQPError as exc:
-                    logger.debug("ack of %d not sent: %s", ack.delivery_tag, exc)
-                    return
+        self.flushing = True
+        try:
+            with anyio.CancelScope(shield=True) as scope:
+                scope.deadline = anyio.current_time() + SETTLE_TIMEOUT
+                while acks := self.tracker.flush():
+                    for ack in acks:
+                        if not self.ch.is_open:
+                            return  # the broker requeues everything of a closed channel
+                        await self.ch.ack(ack.delivery_tag, multiple=ack.multiple)
+        except AMQPError as exc:
+            logger.debug("acks not sent: %s", exc)
+        finally:
+            self.flushing = False
 
     async def requeue(self, delivery_tag: int) -> None:
+        """Nack with requeue: the message goes back to its queue."""
+        await self._nack(delivery_tag, requeue=True)
+
+    async def reject(self, delivery_tag: int) -> None:
+        """Nack without requeue: the broker dead-letters it (the queue's DLX arguments)."""
+        await self._nack(delivery_tag, requeue=False)
+
+    async def _nack(self, delivery_tag: int, *, requeue: bool) -> None:
         self.tracker.settled(delivery_tag)
         if not self.ch.is_open:
             return
-        with anyio.CancelScope(shield=True), anyio.move_on_after(SETTLE_TIMEOUT):
+        with anyio.CancelScope(shield=True) as scope:
+            scope.deadline = anyio.current_time() + SETTLE_TIMEOUT
             try:
-                await self.ch.nack(delivery_tag, requeue=True)
+                await self.ch.nack(delivery_tag, requeue=requeue)
             except AMQPError as exc:
                 logger.debug("nack of %d not sent: %s", delivery_tag, exc)
 
@@ -217,6 +240,7 @@ class Dispatcher:
         shutdown: Shutdown,
         on_outcome: OutcomeHook,
         on_subscribed: Callable[[str, bool], None],
+        on_fatal: Callable[[BaseException], None],
         random: random_module.Random,
         backoff: Backoff = DEFAULT_BACKOFF,
     ) -> None:
@@ -226,6 +250,7 @@ class Dispatcher:
         self.shutdown = shutdown
         self._on_outcome = on_outcome
         self._on_subscribed = on_subscribed
+        self._on_fatal = on_fatal
         self._random = random
         self._backoff = backoff
 
@@ -270,9 +295,13 @@ class Dispatcher:
                 error = exc
             self._on_subscribed(self.queue, False)
             if error is None:
-                return
+                break
             if not conn.is_open:
                 raise error  # the supervisor reconnects
+            if status is not None and isinstance(error, ChannelClosed) and error.reply_code == 403:
+                # Never subscribed, and refused (no read permission, a queue held by
+                # an exclusive consumer): the supervisor decides whether that is fatal.
+                raise error
             if anyio.current_time() - subscribed_at >= self._backoff.reset_after:
                 failures = 0
             delay = self._backoff.delay(failures, self._random.random())
@@ -287,6 +316,8 @@ class Dispatcher:
             with self.shutdown.intake_scope() as scope:
                 await anyio.sleep(delay)
             self.shutdown.discard(scope)
+        if status is not None:  # stopped before it ever subscribed
+            status.started()
 
     async def _serve(self, ch: Channel, subscribed: Callable[[], None]) -> AMQPError | None:
         """Consume on ``ch`` until a shutdown (returns None) or an error (returned)."""
@@ -308,6 +339,7 @@ class Dispatcher:
                     self.shutdown.discard(intake)
                 if error is None and state.inflight:
                     await self._grace(state)
+                state.cancelling = True
                 handlers.cancel_scope.cancel()
         finally:
             await state.flush()
@@ -352,15 +384,31 @@ class Dispatcher:
 
     async def _handle(self, state: _ChannelState, delivery: Delivery) -> None:
         spec = self.spec
-        msg = Message.from_delivery(delivery, spec.queue)
+        try:
+            msg = Message.from_delivery(delivery, spec.queue)
+        except Exception:  # never expected; the broker dead-letters it to the .dlq
+            logger.exception(
+                "queue %r: delivery %d is unreadable", self.queue, delivery.delivery_tag
+            )
+            await state.reject(delivery.delivery_tag)
+            state.ended()
+            return
         started = anyio.current_time()
         error: BaseException | None = None
         try:
             try:
-                with anyio.move_on_after(spec.timeout) as scope:
+                if spec.timeout is None:
                     await spec.handler(msg)
-                if scope.cancelled_caught:
-                    error = TimeoutError(f"the handler exceeded its timeout of {spec.timeout:g} s")
+                else:
+                    with anyio.CancelScope() as scope:
+                        scope.deadline = started + spec.timeout
+                        await spec.handler(msg)
+                    # cancel_called, not cancelled_caught: a handler that swallowed the
+                    # cancellation and returned still ran out of time.
+                    if scope.cancel_called:
+                        error = TimeoutError(
+                            f"the handler exceeded its timeout of {spec.timeout:g} s"
+                        )
             except Exception as exc:
                 error = exc
             except anyio.get_cancelled_exc_class():
@@ -371,10 +419,28 @@ class Dispatcher:
             except BaseException as exc:  # KeyboardInterrupt, SystemExit, ...
                 await state.requeue(delivery.delivery_tag)
                 self._record(msg, Outcome(OutcomeKind.REQUEUE), started, exc)
-                raise
+                logger.error(
+                    "queue %r: the handler raised %s; stopping the App (the message goes "
+                    "back to the queue)",
+                    self.queue,
+                    error_type(exc),
+                )
+                self._on_fatal(exc)
+                return
+            if state.cancelling:  # it swallowed the cancellation: it did not finish
+                await state.requeue(delivery.delivery_tag)
+                self._record(msg, Outcome(OutcomeKind.CANCELLED), started, None)
+                return
             outcome = decide(error, attempt=msg.attempt, retry=spec.retry)
-            with anyio.CancelScope(shield=True):
-                outcome = await self._settle(state, msg, outcome)
+            if outcome.kind is OutcomeKind.ACK:
+                state.tracker.finished(delivery.delivery_tag)
+                if state.inflight == 1:
+                    await state.flush()  # nothing else running: no batch to wait for
+                else:
+                    state.finish()
+            else:
+                with anyio.CancelScope(shield=True):
+                    outcome = await self._settle(state, msg, outcome)
             self._record(msg, outcome, started, error)
         finally:
             state.ended()
@@ -383,13 +449,6 @@ class Dispatcher:
         """Carry out ``outcome``; returns what was actually done."""
         tag = msg.delivery_tag
         kind = outcome.kind
-        if kind is OutcomeKind.ACK:
-            state.tracker.finished(tag)
-            if state.inflight == 1:
-                await state.flush()  # nothing else running: no batch to wait for
-            else:
-                state.finish()
-            return outcome
         if kind is OutcomeKind.REQUEUE:
             await state.requeue(tag)
             return outcome

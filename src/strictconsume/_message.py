@@ -47,7 +47,8 @@ def attempt_of(headers: FieldTable | None) -> int:
         return value
     if isinstance(value, bytes | bytearray | str):
         text = value.decode("ascii", "replace") if not isinstance(value, str) else value
-        if text.isdigit() and int(text) >= 1:
+        # isdigit() accepts "²", which int() refuses: this must never raise.
+        if text.isascii() and text.isdecimal() and int(text) >= 1:
             return int(text)
     return 1
 

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import anyio.abc
 
-from .amqp import ChannelClosed, Properties, connect
+from .amqp import ChannelClosed, ConnectionLost, Properties, connect
 
 if TYPE_CHECKING:
     from pamqp.common import FieldTable
@@ -62,13 +62,19 @@ def _body(body: bytes | bytearray | memoryview | str) -> bytes:
     raise TypeError(f"body must be bytes or str, not {type(body).__name__}")
 
 
+class PublishChannelGone(ConnectionLost):
+    """The connection of a :class:`PublishChannel` ended before a publish started on it
+    (so publishing on the App's next connection cannot duplicate anything)."""
+
+
 class PublishChannel:
     """One confirmed channel of a connection, reopened after a channel error."""
 
     def __init__(self) -> None:
         self._channel: Channel | None = None
-        self._ready = anyio.Event()
+        self._changed = anyio.Event()  # set (and replaced) whenever _channel changes
         self._broken = anyio.Event()
+        self._finished = False
 
     async def run(
         self,
@@ -78,28 +84,40 @@ class PublishChannel:
     ) -> None:
         """Keep a confirmed channel open on ``conn`` until cancelled."""
         started = False
-        while True:
-            async with conn.channel(confirms=True) as ch:
-                self._channel = ch
-                self._ready.set()
-                if not started:
-                    started = True
-                    task_status.started()
-                await self._broken.wait()
-                self._broken = anyio.Event()
-                self._ready = anyio.Event()
-                self._channel = None
+        try:
+            while True:
+                async with conn.channel(confirms=True) as ch:
+                    self._set(ch)
+                    if not started:
+                        started = True
+                        task_status.started()
+                    await self._broken.wait()
+                    self._broken = anyio.Event()
+        finally:
+            self._finished = True
+            self._set(None)
+
+    def _set(self, ch: Channel | None) -> None:
+        self._channel = ch
+        changed, self._changed = self._changed, anyio.Event()
+        changed.set()
 
     async def channel(self) -> Channel:
-        """The open publishing channel (waits while it is being reopened)."""
+        """The open publishing channel (waits while it is being reopened).
+
+        Raises:
+            PublishChannelGone: the connection ended.
+        """
         while True:
+            if self._finished:
+                raise PublishChannelGone("the connection of the publishing channel ended")
             ch = self._channel
             if ch is not None and ch.is_open:
                 return ch
+            changed = self._changed
             if ch is not None:
                 self._broken.set()
-            await self._ready.wait()
-            await anyio.lowlevel.checkpoint()
+            await changed.wait()
 
     def _channel_failed(self, ch: Channel) -> None:
         if self._channel is ch:
@@ -187,22 +205,38 @@ class Publisher:
                 message may or may not have been taken; publish it again if it must
                 arrive (consumers then may see it twice).
         """
-        source = self._source
-        channel_source = source if isinstance(source, PublishChannel) else await source.wait()
-        await channel_source.publish(
-            _body(body),
-            exchange=exchange,
-            routing_key=routing_key,
-            properties=build_properties(
-                headers=headers,
-                message_id=message_id,
-                content_type=content_type,
-                persistent=persistent,
-                correlation_id=correlation_id,
-                reply_to=reply_to,
-            ),
-            mandatory=mandatory,
+        payload = _body(body)
+        properties = build_properties(
+            headers=headers,
+            message_id=message_id,
+            content_type=content_type,
+            persistent=persistent,
+            correlation_id=correlation_id,
+            reply_to=reply_to,
         )
+        source = self._source
+        stale: PublishChannel | None = None
+        while True:
+            if isinstance(source, PublishChannel):
+                channel_source = source
+            else:
+                channel_source = await source.wait(stale=stale)
+            try:
+                await channel_source.publish(
+                    payload,
+                    exchange=exchange,
+                    routing_key=routing_key,
+                    properties=properties,
+                    mandatory=mandatory,
+                )
+            except PublishChannelGone:
+                # Its connection ended before the message was sent: nothing can be
+                # duplicated by sending it on the App's next connection.
+                if isinstance(source, PublishChannel):
+                    raise
+                stale = channel_source
+            else:
+                return
 
 
 class PublishChannelSlot:
@@ -210,20 +244,37 @@ class PublishChannelSlot:
 
     def __init__(self) -> None:
         self._current: PublishChannel | None = None
-        self._available = anyio.Event()
+        self._changed = anyio.Event()
+        self._stopped = True
 
     def set(self, channel: PublishChannel | None) -> None:
         self._current = channel
-        if channel is None:
-            if self._available.is_set():
-                self._available = anyio.Event()
-        else:
-            self._available.set()
+        changed, self._changed = self._changed, anyio.Event()
+        changed.set()
 
-    async def wait(self) -> PublishChannel:
-        while self._current is None:
-            await self._available.wait()
-        return self._current
+    def start(self) -> None:
+        self._stopped = False
+
+    def stop(self) -> None:
+        self._stopped = True
+        self.set(None)
+
+    async def wait(self, stale: PublishChannel | None = None) -> PublishChannel:
+        """The App's publishing channel (not ``stale``), waiting while it reconnects.
+
+        Raises:
+            RuntimeError: the App is not running.
+        """
+        while True:
+            if self._stopped:
+                raise RuntimeError(
+                    "the App has stopped: publish inside `async with app.running()`, or "
+                    "use app.publisher() outside it for a connection of its own"
+                )
+            current = self._current
+            if current is not None and current is not stale:
+                return current
+            await self._changed.wait()
 
 
 @contextlib.asynccontextmanager

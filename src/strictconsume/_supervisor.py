@@ -40,6 +40,7 @@ from ._publisher import PublishChannel, PublishChannelSlot
 from ._topology import TopologyError, declare_consumer
 from .amqp import (
     AMQPError,
+    ChannelClosed,
     Connection,
     ConnectionClosed,
     ConnectionParameters,
@@ -87,6 +88,7 @@ class Supervisor:
         shutdown: Shutdown,
         publishing: PublishChannelSlot,
         on_outcome: OutcomeHook,
+        on_fatal: Callable[[BaseException], None],
         random: random_module.Random | None = None,
         backoff: Backoff = DEFAULT_BACKOFF,
         connect: Connect = _connect,
@@ -111,6 +113,7 @@ class Supervisor:
                 shutdown=shutdown,
                 on_outcome=on_outcome,
                 on_subscribed=self._on_subscribed,
+                on_fatal=on_fatal,
                 random=self.random,
                 backoff=backoff,
             )
@@ -203,6 +206,8 @@ class Supervisor:
             raise StartupError(str(error)) from error
         if isinstance(error, ConnectionClosed) and error.reply_code in FATAL_REPLY_CODES:
             raise StartupError(str(error)) from error
+        if isinstance(error, ChannelClosed) and error.reply_code == 403:
+            raise StartupError(f"cannot consume: {error}") from error
         if isinstance(error, RemoteProtocolError):
             raise StartupError(
                 f"{params.url} does not answer as an AMQP 0-9-1 broker: {error}"
@@ -218,6 +223,9 @@ class Supervisor:
         async with conn.channel() as ch:
             for spec in self.specs:
                 await declare_consumer(ch, spec)
+        # Declared: from here a stop drains the consumers gracefully instead of
+        # cancelling the attempt (each dispatcher watches the shutdown itself).
+        self.shutdown.discard(attempt_scope)
         publishing = PublishChannel()
         async with anyio.create_task_group() as tg:
             await tg.start(publishing.run, conn)
@@ -227,12 +235,11 @@ class Supervisor:
                     await consumers.start(dispatcher.run, conn, publishing)
                 if not self.dispatchers:  # an App used only to publish
                     consumers.start_soon(self.shutdown.wait)
-                # Subscribed: from here a stop drains gracefully instead of cancelling.
-                self.shutdown.discard(attempt_scope)
-                logger.info(
-                    "ready: consuming %s",
-                    ", ".join(repr(spec.queue) for spec in self.specs) or "nothing",
-                )
+                if not self.shutdown.requested:
+                    logger.info(
+                        "ready: consuming %s",
+                        ", ".join(repr(spec.queue) for spec in self.specs) or "nothing",
+                    )
                 if not self.ever_ready:
                     self.ever_ready = True
                     task_status.started()

@@ -116,6 +116,10 @@ class Recorder:
         self.outcomes.append((queue, kind))
 
 
+#: BaseExceptions handlers raised (SystemExit...), which stop the App; none expected here.
+fatal_errors: list[BaseException] = []
+
+
 def make_supervisor(
     connector: Connector,
     specs: Sequence[ConsumerSpec],
@@ -133,6 +137,7 @@ def make_supervisor(
         shutdown=shutdown if shutdown is not None else Shutdown(),
         publishing=PublishChannelSlot(),
         on_outcome=recorder if recorder is not None else Recorder(),
+        on_fatal=fatal_errors.append,
         random=rng if rng is not None else ZeroRandom(),
         connect=connector,
     )

@@ -123,6 +123,9 @@ class Connection:
         self._closed_by_broker: ConnectionClosed | None = None
         self._close_ok_flush_tried = False
         self._writing = False
+        # Set when the reader or the writer has ended (an outer cancellation ends them
+        # without failing the connection): no reply can come, so closing waits for none.
+        self._io_stopped = False
         self.server_properties: dict[str, object] = {}
 
     def __repr__(self) -> str:
@@ -233,7 +236,12 @@ class Connection:
     async def _close_channel(self, ch: Channel) -> None:
         """Close ``ch`` with channel.close and wait for close-ok, shielded and bounded."""
         waiter = ch._start_close()
-        if waiter is not None and self._error is None and self._core.state is ConnectionState.OPEN:
+        if (
+            waiter is not None
+            and self._error is None
+            and not self._io_stopped
+            and self._core.state is ConnectionState.OPEN
+        ):
             self._core.close_channel(ch.channel_id)
             self._wake_writer()
             with anyio.move_on_after(CLOSE_TIMEOUT, shield=True):
@@ -305,6 +313,8 @@ class Connection:
             self._fail(error)
         except AMQPError as exc:
             self._fail(exc)
+        finally:
+            self._io_stopped = True
 
     def _handle(self, event: Event) -> None:
         """Route one event from the core to whoever waits for it."""
@@ -377,6 +387,8 @@ class Connection:
                 self._drained.set()
         except AMQPError as exc:
             self._fail(exc)
+        finally:
+            self._io_stopped = True
 
     async def _heartbeat(self) -> None:
         try:
@@ -427,7 +439,11 @@ class Connection:
 
     async def _close(self) -> None:
         """Close with connection.close and wait for close-ok (shielded, bounded)."""
-        if self._error is not None or self._core.state is not ConnectionState.OPEN:
+        if (
+            self._error is not None
+            or self._io_stopped
+            or self._core.state is not ConnectionState.OPEN
+        ):
             return
         for ch in list(self._channels.values()):
             ch._fail(LocalProtocolError(f"channel {ch.channel_id} closed with its connection"))
