@@ -137,7 +137,11 @@ class Connection:
     @property
     def is_open(self) -> bool:
         """True while the connection can be used."""
-        return self._error is None and self._core.state is ConnectionState.OPEN
+        return (
+            self._error is None
+            and not self._io_stopped
+            and self._core.state is ConnectionState.OPEN
+        )
 
     @property
     def blocked(self) -> str | None:
@@ -213,7 +217,7 @@ class Connection:
 
     async def _wait_for_writer(self, done: Callable[[], bool]) -> None:
         """Wake the writer until ``done()`` holds; checked again after each write."""
-        while not done():
+        while not done() and not self._io_stopped:
             if self._drained.is_set():
                 self._drained = anyio.Event()
             self._wake_writer()
@@ -314,7 +318,30 @@ class Connection:
         except AMQPError as exc:
             self._fail(exc)
         finally:
-            self._io_stopped = True
+            self._io_ended()
+
+    def _io_ended(self) -> None:
+        """The reader or the writer has ended: no reply can arrive any more.
+
+        After a failure or a close that changes nothing. When an enclosing scope
+        cancelled them, every wait on the broker (a channel's close-ok, a consumer's
+        cancel-ok, the connection's close-ok) ends at once instead of running out its
+        timeout; the connection's error is left alone, so the cancellation, not an
+        error, is what leaves ``connect()``.
+        """
+        if self._io_stopped:
+            return
+        self._io_stopped = True
+        if self._error is not None:
+            return
+        error = ConnectionLost(
+            f"the connection to {self.params.url} was shut down: its tasks were cancelled"
+        )
+        for ch in list(self._channels.values()):
+            ch._fail(error)
+        self._opened.fail(error)
+        self._closed.fail(error)
+        self._drained.set()
 
     def _handle(self, event: Event) -> None:
         """Route one event from the core to whoever waits for it."""
@@ -388,7 +415,7 @@ class Connection:
         except AMQPError as exc:
             self._fail(exc)
         finally:
-            self._io_stopped = True
+            self._io_ended()
 
     async def _heartbeat(self) -> None:
         try:
