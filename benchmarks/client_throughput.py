@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -32,22 +31,10 @@ import time
 import uuid
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from _broker import broker_url
+
 LIBRARIES = ("strictconsume-trio", "strictconsume-asyncio", "aiormq", "pika")
 BODY = b"x" * 128
-
-
-def broker_url() -> str:
-    url = os.environ.get("STRICTCONSUME_URL") or os.environ.get("AMQP_URL")
-    if url:
-        return url
-    out = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "dev-broker"), "start"],
-        check=True,
-        capture_output=True,
-        text=True,
-    )
-    return out.stdout.strip()
 
 
 # -- the consumers (each runs in a child process) -----------------------------------

@@ -66,10 +66,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
+from _broker import DEV_BROKER, REPO, broker_url
+
 T = TypeVar("T")
 
-REPO = Path(__file__).resolve().parent.parent
-DEV_BROKER = REPO / "scripts" / "dev-broker"
 RESULTS = REPO / "benchmarks" / "results" / "framework_throughput.json"
 LIBRARIES = ("strictconsume-trio", "strictconsume-asyncio", "aio-pika", "aio-pika-iterator")
 OURS = ("strictconsume-trio", "strictconsume-asyncio")
@@ -132,19 +132,6 @@ def retried(what: str, action: Callable[[], T], notes: list[str]) -> T:
             notes.append(f"{what}: a connection was closed by an operator; done again")
             print(f"  {notes[-1]}", file=sys.stderr, flush=True)
     raise AssertionError("unreachable")
-
-
-def broker_url() -> str:
-    url = os.environ.get("STRICTCONSUME_URL") or os.environ.get("AMQP_URL")
-    if url:
-        return url
-    out = subprocess.run(
-        [sys.executable, str(DEV_BROKER), "start"],
-        check=True,
-        capture_output=True,
-        text=True,
-    )
-    return out.stdout.strip()
 
 
 def private_broker() -> bool:

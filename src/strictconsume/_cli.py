@@ -197,9 +197,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         app = load_app(args.target)
         app.configure(
-            urls=[u for item in args.url for u in item.replace(",", " ").split()]
-            if args.url
-            else None,
+            urls=args.url,
             prefetch=args.prefetch,
             grace_period=args.grace_period,
             backend=args.backend,

@@ -158,8 +158,13 @@ class _ChannelState:
             self.ack_wanted = anyio.Event()
             await self.flush()
 
-    def finish(self) -> None:
-        self.ack_wanted.set()
+    async def acked(self, delivery_tag: int) -> None:
+        """The message of ``delivery_tag`` is done: ack it, coalesced with others."""
+        self.tracker.finished(delivery_tag)
+        if self.inflight == 1:
+            await self.flush()  # nothing else running: no batch to wait for
+        else:
+            self.ack_wanted.set()  # the acker flushes once this batch of handlers ran
 
     async def flush(self) -> None:
         """Send the acks the tracker has ready, in order.
@@ -433,11 +438,7 @@ class Dispatcher:
                 return
             outcome = decide(error, attempt=msg.attempt, retry=spec.retry)
             if outcome.kind is OutcomeKind.ACK:
-                state.tracker.finished(delivery.delivery_tag)
-                if state.inflight == 1:
-                    await state.flush()  # nothing else running: no batch to wait for
-                else:
-                    state.finish()
+                await state.acked(delivery.delivery_tag)
             else:
                 with anyio.CancelScope(shield=True):
                     outcome = await self._settle(state, msg, outcome)
@@ -474,11 +475,7 @@ class Dispatcher:
             await anyio.sleep(SETTLE_FAILURE_PAUSE)
             await state.requeue(tag)
             return Outcome(OutcomeKind.REQUEUE, error_type=outcome.error_type)
-        state.tracker.finished(tag)
-        if state.inflight == 1:
-            await state.flush()
-        else:
-            state.finish()
+        await state.acked(tag)
         return outcome
 
     async def _publish_retry(self, msg: Message, outcome: Outcome) -> None:

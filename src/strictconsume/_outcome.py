@@ -28,7 +28,16 @@ import attrs
 from ._message import DecodeError
 from ._retry import Retry
 
-__all__ = ["Outcome", "OutcomeKind", "Reject", "Requeue", "RetryLater", "decide", "error_type"]
+__all__ = [
+    "Outcome",
+    "OutcomeKind",
+    "Reject",
+    "Requeue",
+    "RetryLater",
+    "decide",
+    "error_type",
+    "sole_exception",
+]
 
 #: The longest ``x-error-message`` header written to a dead letter.
 MAX_ERROR_MESSAGE = 4096
@@ -95,7 +104,7 @@ def _error_message(exc: BaseException) -> str:
     return text
 
 
-def _sole_exception(exc: BaseException) -> BaseException:
+def sole_exception(exc: BaseException) -> BaseException:
     """The one exception inside (nested) groups of one, else the group itself."""
     while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
         exc = exc.exceptions[0]
@@ -110,7 +119,7 @@ def decide(error: BaseException | None, *, attempt: int, retry: Retry) -> Outcom
     """
     if error is None:
         return Outcome(OutcomeKind.ACK)
-    error = _sole_exception(error)
+    error = sole_exception(error)
     if isinstance(error, Requeue):
         return Outcome(OutcomeKind.REQUEUE)
     kind, message = error_type(error), _error_message(error)

@@ -40,9 +40,13 @@ class SettingsError(ValueError):
 
 
 def _urls(value: str | Sequence[str]) -> tuple[str, ...]:
-    items = value.replace(",", " ").split() if isinstance(value, str) else list(value)
-    urls = tuple(items)
-    if not urls or not all(isinstance(u, str) and u for u in urls):
+    """Every URL in ``value``: a string or a sequence of them, each of which may hold
+    several separated by commas or whitespace (``--url`` repeated, an env variable)."""
+    items = [value] if isinstance(value, str) else list(value)
+    if not all(isinstance(item, str) for item in items):
+        raise SettingsError("url needs at least one amqp:// or amqps:// URL")
+    urls = tuple(url for item in items for url in item.replace(",", " ").split())
+    if not urls:
         raise SettingsError("url needs at least one amqp:// or amqps:// URL")
     return urls
 

@@ -36,6 +36,7 @@ import anyio.abc
 
 from ._backoff import DEFAULT_BACKOFF, Backoff
 from ._dispatch import Dispatcher, OutcomeHook, Shutdown
+from ._outcome import sole_exception
 from ._publisher import PublishChannel, PublishChannelSlot
 from ._topology import TopologyError, declare_consumer
 from .amqp import (
@@ -64,12 +65,6 @@ FATAL_REPLY_CODES = frozenset({403, 530})
 class StartupError(Exception):
     """The App cannot start and retrying would not help (wrong credentials, unknown
     vhost, not an AMQP broker, a queue that exists with other arguments)."""
-
-
-def _leaf(exc: BaseException) -> BaseException:
-    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-        exc = exc.exceptions[0]
-    return exc
 
 
 def _connect(params: ConnectionParameters) -> AbstractAsyncContextManager[Connection]:
@@ -157,7 +152,7 @@ class Supervisor:
                             logger.info("connected to %s", params.url)
                             await self._session(conn, task_status, attempt_scope)
                 except Exception as exc:
-                    error = _leaf(exc)
+                    error = sole_exception(exc)
                     self._check_fatal(error, params)
                 finally:
                     self.shutdown.discard(attempt_scope)

@@ -20,7 +20,7 @@ import anyio.to_thread
 import attrs
 import pika
 
-__all__ = ["Oracle", "OracleMessage"]
+__all__ = ["Oracle", "OracleMessage", "pika_channel"]
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -38,7 +38,9 @@ class OracleMessage:
 
 
 @contextlib.contextmanager
-def _channel(url: str) -> Iterator[Any]:
+def pika_channel(url: str) -> Iterator[Any]:
+    """A pika channel on a connection of its own, closed on exit (blocking: call it from
+    a worker thread)."""
     connection = pika.BlockingConnection(pika.URLParameters(url))
     try:
         yield connection.channel()
@@ -48,12 +50,12 @@ def _channel(url: str) -> Iterator[Any]:
 
 
 def _message_count(url: str, queue: str) -> int:
-    with _channel(url) as ch:
+    with pika_channel(url) as ch:
         return int(ch.queue_declare(queue, passive=True).method.message_count)
 
 
 def _consumer_count(url: str, queue: str) -> int:
-    with _channel(url) as ch:
+    with pika_channel(url) as ch:
         return int(ch.queue_declare(queue, passive=True).method.consumer_count)
 
 
@@ -68,23 +70,23 @@ def _queue_exists(url: str, queue: str) -> bool:
 
 
 def _declare(url: str, queue: str, arguments: dict[str, Any] | None) -> None:
-    with _channel(url) as ch:
+    with pika_channel(url) as ch:
         ch.queue_declare(queue, arguments=arguments)
 
 
 def _delete(url: str, queue: str) -> None:
-    with _channel(url) as ch:
+    with pika_channel(url) as ch:
         ch.queue_delete(queue)
 
 
 def _publish(url: str, queue: str, body: bytes, headers: dict[str, Any] | None) -> None:
-    with _channel(url) as ch:
+    with pika_channel(url) as ch:
         ch.confirm_delivery()
         ch.basic_publish("", queue, body, pika.BasicProperties(headers=headers), mandatory=True)
 
 
 def _get(url: str, queue: str) -> OracleMessage | None:
-    with _channel(url) as ch:
+    with pika_channel(url) as ch:
         method, properties, body = ch.basic_get(queue, auto_ack=True)
         if method is None:
             return None

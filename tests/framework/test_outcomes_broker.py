@@ -11,7 +11,6 @@ exchange names are unique per test (uuid) and deleted at the end.
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import functools
 import logging
@@ -29,7 +28,7 @@ import pytest
 import strictconsume as sc
 from strictconsume.amqp import ChannelClosed, MessageReturned
 
-from ..amqp.oracle import Oracle, OracleMessage
+from ..amqp.oracle import Oracle, OracleMessage, pika_channel
 from ..conftest import dev_broker, external_broker_url
 
 pytestmark = [pytest.mark.broker, pytest.mark.anyio]
@@ -45,16 +44,6 @@ DEADLINE = 10.0
 # -- pika helpers beyond the oracle (exchanges, properties, durable declares) -------------
 
 
-@contextlib.contextmanager
-def _pika_channel(url: str) -> Iterator[Any]:
-    connection = pika.BlockingConnection(pika.URLParameters(url))
-    try:
-        yield connection.channel()
-    finally:
-        if connection.is_open:
-            connection.close()
-
-
 def _publish(
     url: str,
     bodies: list[bytes],
@@ -65,7 +54,7 @@ def _publish(
     headers: dict[str, Any] | None,
     expiration: str | None = None,
 ) -> None:
-    with _pika_channel(url) as ch:
+    with pika_channel(url) as ch:
         ch.confirm_delivery()
         for body in bodies:
             properties = pika.BasicProperties(
@@ -78,7 +67,7 @@ def _publish(
 
 
 def _declare_durable(url: str, queue: str, arguments: dict[str, Any] | None) -> None:
-    with _pika_channel(url) as ch:
+    with pika_channel(url) as ch:
         ch.queue_declare(queue, durable=True, arguments=arguments)
 
 
@@ -95,7 +84,7 @@ def _has_arguments(url: str, queue: str, arguments: dict[str, Any]) -> bool:
 
 
 def _delete_exchange(url: str, exchange: str) -> None:
-    with _pika_channel(url) as ch:
+    with pika_channel(url) as ch:
         ch.exchange_delete(exchange)
 
 
