@@ -1,6 +1,6 @@
 """Exponential backoff with full jitter, as a pure function of the attempt number.
 
-The reconnect loop sleeps ``backoff_delay(n, random_fraction)`` seconds before its
+The reconnect loop sleeps ``Backoff().delay(n, random_fraction)`` seconds before its
 n-th consecutive attempt (n = 0 for the first retry). With full jitter the delay is
 drawn uniformly from ``[0, min(cap, base * factor**n)]``: clients that lost the same
 broker at the same moment spread their reconnects out instead of arriving together.
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import attrs
 
-__all__ = ["DEFAULT_BACKOFF", "Backoff", "backoff_delay"]
+__all__ = ["DEFAULT_BACKOFF", "Backoff"]
 
 
 def _positive(instance: object, attribute: attrs.Attribute[float], value: float) -> None:
@@ -49,8 +49,3 @@ class Backoff:
 
 
 DEFAULT_BACKOFF = Backoff()
-
-
-def backoff_delay(attempt: int, random_fraction: float, policy: Backoff = DEFAULT_BACKOFF) -> float:
-    """Full-jitter delay for ``attempt`` under ``policy`` (see :class:`Backoff`)."""
-    return policy.delay(attempt, random_fraction)

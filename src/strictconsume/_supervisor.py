@@ -114,7 +114,6 @@ class Supervisor:
             )
             for spec in self.specs
         ]
-        self._ready_event = anyio.Event()
 
     @property
     def ready(self) -> bool:

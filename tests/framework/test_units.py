@@ -36,7 +36,7 @@ from strictconsume import (
     consumer,
 )
 from strictconsume._acks import Ack, AckTracker
-from strictconsume._backoff import DEFAULT_BACKOFF, Backoff, backoff_delay
+from strictconsume._backoff import DEFAULT_BACKOFF, Backoff
 from strictconsume._cli import UsageError, load_app, main
 from strictconsume._consumer import SPEC_ATTRIBUTE
 from strictconsume._message import attempt_of
@@ -310,8 +310,8 @@ def test_backoff_delay_is_ceiling_times_fraction() -> None:
     assert DEFAULT_BACKOFF.delay(3, 0.25) == 1.0
     assert DEFAULT_BACKOFF.delay(8, 0.5) == 15.0
     assert DEFAULT_BACKOFF.delay(8, 1.0) == 30.0
-    assert backoff_delay(2, 0.75) == 1.5
-    assert backoff_delay(2, 0.75, Backoff(base=1.0, factor=3.0, cap=100.0)) == 6.75
+    assert DEFAULT_BACKOFF.delay(2, 0.75) == 1.5
+    assert Backoff(base=1.0, factor=3.0, cap=100.0).delay(2, 0.75) == 6.75
 
 
 @given(attempt=st.integers(0, 200), fraction=st.floats(0.0, 1.0))
