@@ -397,11 +397,7 @@ class Channel:
 
     async def _cancel_consumer(self, consumer: Consumer, *, requeue_unyielded: bool) -> None:
         with anyio.CancelScope(shield=True):
-            if (
-                consumer.consumer_tag in self._consumers
-                and self.is_open
-                and self.connection.is_open
-            ):
+            if consumer.consumer_tag in self._consumers and self.is_open:
                 with anyio.move_on_after(CLOSE_TIMEOUT), contextlib.suppress(AMQPError):
                     await self._call(commands.Basic.Cancel(consumer_tag=consumer.consumer_tag))
             self._consumers.pop(consumer.consumer_tag, None)
