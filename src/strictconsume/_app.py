@@ -16,6 +16,7 @@ import anyio
 
 from ._consumer import SPEC_ATTRIBUTE, Binding, ConsumerSpec, QueueType, consumer
 from ._dispatch import Shutdown
+from ._metrics import Metrics
 from ._outcome import OutcomeKind
 from ._publisher import PublishChannelSlot, Publisher, own_connection_publisher
 from ._settings import Settings, resolve_settings
@@ -24,6 +25,7 @@ from ._supervisor import StartupError, Supervisor
 if TYPE_CHECKING:
     from collections.abc import Awaitable
 
+    from ._http import ASGIApp, HttpServer
     from ._retry import Retry
 
 __all__ = ["App"]
@@ -42,6 +44,8 @@ class App:
         grace_period: Seconds in-flight handlers get to finish on shutdown (30).
         consumer_timeout: The broker's ``consumer_timeout`` in seconds (RabbitMQ's
             default, 1800); handler timeouts unset or longer are warned about.
+        http: ``HOST:PORT`` to serve ``/health/live``, ``/health/ready`` and
+            ``/metrics`` on while the App runs (needs the ``http`` extra).
         backend, log_level, log_format: Used by ``python -m strictconsume``.
 
     Every setting can also come from the environment (``STRICTCONSUME_URL``, else
@@ -56,6 +60,7 @@ class App:
         prefetch: int | None = None,
         grace_period: float | None = None,
         consumer_timeout: float | None = None,
+        http: str | None = None,
         backend: Literal["trio", "asyncio"] | None = None,
         log_level: str | None = None,
         log_format: Literal["text", "json"] | None = None,
@@ -65,6 +70,7 @@ class App:
             "prefetch": prefetch,
             "grace_period": grace_period,
             "consumer_timeout": consumer_timeout,
+            "http": http,
             "backend": backend,
             "log_level": log_level,
             "log_format": log_format,
@@ -78,8 +84,10 @@ class App:
         self._random = random_module.Random()
         self._grace_period: float | None = None
         self._fatal_error: BaseException | None = None
-        #: Messages handled since start, by (queue, outcome): "ack", "retry", ...
-        self.outcomes: Counter[tuple[str, str]] = Counter()
+        self._running = False
+        self._http_url: str | None = None
+        #: What ``/metrics`` shows; kept across runs of the App.
+        self.metrics = Metrics(connected=lambda: self.connected, inflight=self._inflight)
 
     def __repr__(self) -> str:
         queues = ", ".join(spec.queue for spec in self._specs)
@@ -99,6 +107,7 @@ class App:
         durable: bool = True,
         concurrency: int | None = None,
         arguments: Mapping[str, Any] | None = None,
+        delivery_limit: int | None = None,
     ) -> Callable[[H], H]:
         """Register an ``async def`` handler for ``queue`` (options as :func:`consumer`)."""
         decorate = consumer(
@@ -111,6 +120,7 @@ class App:
             durable=durable,
             concurrency=concurrency,
             arguments=arguments,
+            delivery_limit=delivery_limit,
         )
 
         def register(handler: H) -> H:
@@ -166,11 +176,44 @@ class App:
         return self._supervisor is not None and self._supervisor.connected
 
     @property
+    def is_running(self) -> bool:
+        """True from the start of :meth:`running` (or :meth:`run`) to its end,
+        reconnects and the shutdown's grace period included."""
+        return self._running
+
+    @property
+    def subscriptions(self) -> dict[str, bool]:
+        """Whether each consumer's queue is subscribed now."""
+        subscribed = self._supervisor.subscribed if self._supervisor is not None else set()
+        return {spec.queue: spec.queue in subscribed for spec in self._specs}
+
+    @property
     def reconnects(self) -> int:
-        return self._supervisor.reconnects if self._supervisor is not None else 0
+        """Connections lost (and made again) since the App was created."""
+        return self.metrics.reconnects
+
+    @property
+    def outcomes(self) -> Counter[tuple[str, str]]:
+        """Messages handled since the App was created, by (queue, outcome): "ack",
+        "retry", "dead_letter", "requeue", "cancelled"."""
+        return self.metrics.messages
+
+    @property
+    def http_url(self) -> str | None:
+        """Where health and metrics are served while the App runs (``http=``)."""
+        return self._http_url
+
+    def _inflight(self) -> dict[str, int]:
+        supervisor = self._supervisor
+        if supervisor is None:
+            return {spec.queue: 0 for spec in self._specs}
+        return {dispatcher.queue: dispatcher.inflight for dispatcher in supervisor.dispatchers}
 
     def _record(self, queue: str, kind: OutcomeKind, duration: float) -> None:
-        self.outcomes[queue, kind.value] += 1
+        self.metrics.record(queue, kind, duration)
+
+    def _reconnected(self) -> None:
+        self.metrics.reconnects += 1
 
     def _fatal(self, exc: BaseException) -> None:
         """A handler raised SystemExit, KeyboardInterrupt or another BaseException: stop
@@ -229,6 +272,8 @@ class App:
                     f"prefetch ({prefetch})"
                 )
         self._warn_about_timeouts(settings)
+        self.metrics.add_queues(spec.queue for spec in self._specs)
+        handled_before = sum(self.metrics.messages.values())
         shutdown = self._shutdown if self._shutdown is not None else Shutdown()
         self._shutdown = shutdown
         supervisor = Supervisor(
@@ -239,33 +284,46 @@ class App:
             publishing=self._publishing,
             on_outcome=self._record,
             on_fatal=self._fatal,
+            on_reconnect=self._reconnected,
             random=self._random,
         )
         self._supervisor = supervisor
         self._grace_period = settings.grace_period
         self._publishing.start()
+        self._running = True
         startup_error: BaseException | None = None
         body_error: BaseException | None = None
         try:
-            async with anyio.create_task_group() as tg:
-                try:
-                    await tg.start(supervisor.run)
-                except StartupError as exc:
-                    startup_error = exc
-                if startup_error is None:
+            async with contextlib.AsyncExitStack() as stack:
+                if settings.http is not None:
+                    server = self._http_server(settings.http)
+                    self._http_url = await stack.enter_async_context(server.serving())
+                async with anyio.create_task_group() as tg:
                     try:
-                        yield self
-                    except BaseException as exc:  # re-raised below, outside the task group
-                        body_error = exc
-                    finally:
-                        if not shutdown.requested:
-                            self.stop()
+                        await tg.start(supervisor.run)
+                    except StartupError as exc:
+                        startup_error = exc
+                    if startup_error is None:
+                        try:
+                            yield self
+                        except BaseException as exc:  # re-raised below, outside the group
+                            body_error = exc
+                        finally:
+                            if not shutdown.requested:
+                                self.stop()
         finally:
             self._publishing.stop()
             self._supervisor = None
             self._shutdown = None
+            self._running = False
+            self._http_url = None
         if startup_error is None:
-            logger.info("stopped")
+            logger.info(
+                "stopped after handling %d message(s) (%s)",
+                sum(self.metrics.messages.values()) - handled_before,
+                ", ".join(f"{kind.value} {self._count(kind)}" for kind in OutcomeKind),
+                extra={"event": "stopped"},
+            )
         if startup_error is not None:
             raise startup_error
         if body_error is not None:
@@ -273,6 +331,29 @@ class App:
         fatal, self._fatal_error = self._fatal_error, None
         if fatal is not None:
             raise fatal
+
+    def _count(self, kind: OutcomeKind) -> int:
+        return sum(n for (_, outcome), n in self.metrics.messages.items() if outcome == kind.value)
+
+    def _http_server(self, address: str) -> HttpServer:
+        from ._http import HttpServer
+
+        try:
+            server = HttpServer(self.asgi(), address)
+            server.bind()
+        except (OSError, ImportError) as exc:
+            raise StartupError(str(exc)) from exc
+        return server
+
+    def asgi(self) -> ASGIApp:
+        """The ASGI app of ``/health/live``, ``/health/ready`` and ``/metrics``, for a
+        web service that embeds the App to mount (needs the ``http`` extra)::
+
+            api.mount("/consumers", app.asgi())   # Starlette or FastAPI
+        """
+        from ._http import asgi_app
+
+        return asgi_app(self, self.metrics)
 
     async def run(self, *, handle_signals: bool = True) -> None:
         """Run until :meth:`stop`, SIGTERM or SIGINT (a second signal skips the grace).
@@ -319,7 +400,12 @@ class App:
             grace = self._grace_period
             if grace is None:
                 grace = self.settings.grace_period
-            logger.info("shutting down: stopping intake, grace period %g s", grace)
+            logger.info(
+                "shutting down: stopping intake; %d handler(s) running get a grace period of %g s",
+                sum(self._inflight().values()),
+                grace,
+                extra={"event": "shutting_down"},
+            )
             shutdown.request(grace)
         else:
             shutdown.force()

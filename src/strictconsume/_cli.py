@@ -77,6 +77,12 @@ def _parser() -> argparse.ArgumentParser:
         "are requeued (env STRICTCONSUME_GRACE_PERIOD; 30)",
     )
     parser.add_argument(
+        "--http",
+        metavar="HOST:PORT",
+        help="serve /health/live, /health/ready and /metrics (Prometheus) there, e.g. "
+        "127.0.0.1:9000 or :9000 for every interface (env STRICTCONSUME_HTTP; off)",
+    )
+    parser.add_argument(
         "--backend",
         choices=("trio", "asyncio"),
         help="the event loop (env STRICTCONSUME_BACKEND; trio)",
@@ -161,7 +167,17 @@ def _collect(module: types.ModuleType) -> App:
 class JSONFormatter(logging.Formatter):
     """One JSON object per line: time, level, logger, message and the message fields."""
 
-    FIELDS = ("queue", "message_id", "delivery_tag", "attempt", "duration", "outcome")
+    FIELDS = (
+        "event",
+        "queue",
+        "message_id",
+        "delivery_tag",
+        "attempt",
+        "duration",
+        "outcome",
+        "error",
+        "delay",
+    )
 
     def format(self, record: logging.LogRecord) -> str:
         data: dict[str, Any] = {
@@ -200,6 +216,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             urls=args.url,
             prefetch=args.prefetch,
             grace_period=args.grace_period,
+            http=args.http,
             backend=args.backend,
             log_level=args.log_level,
             log_format=args.log_format,

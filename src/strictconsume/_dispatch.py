@@ -34,6 +34,7 @@ from ._acks import AckTracker
 from ._backoff import DEFAULT_BACKOFF, Backoff
 from ._message import (
     ATTEMPT_HEADER,
+    DELIVERY_COUNT_HEADER,
     ORIGINAL_EXCHANGE_HEADER,
     ORIGINAL_ROUTING_KEY_HEADER,
     Message,
@@ -211,17 +212,73 @@ class _ChannelState:
                 logger.debug("nack of %d not sent: %s", delivery_tag, exc)
 
 
+async def call_handler(spec: ConsumerSpec, msg: Message) -> Exception | None:
+    """Run ``spec``'s handler on ``msg`` within its timeout.
+
+    Returns the exception the handler raised (a :class:`TimeoutError` when it ran out
+    of time), or None when it returned. A cancellation from outside, and exceptions
+    that are not an ``Exception`` (``KeyboardInterrupt``, ...), propagate.
+    """
+    try:
+        if spec.timeout is None:
+            await spec.handler(msg)
+            return None
+        with anyio.CancelScope() as scope:
+            scope.deadline = anyio.current_time() + spec.timeout
+            await spec.handler(msg)
+    except Exception as exc:
+        return exc
+    # cancel_called, not cancelled_caught: a handler that swallowed the cancellation
+    # and returned still ran out of time.
+    if scope.cancel_called:
+        return TimeoutError(f"the handler exceeded its timeout of {spec.timeout:g} s")
+    return None
+
+
+def _original_route(msg: Message) -> FieldTable:
+    """Where ``msg`` was first published, for a copy (unless it carries that already)."""
+    if ORIGINAL_ROUTING_KEY_HEADER in msg.headers:
+        return {}
+    return {ORIGINAL_EXCHANGE_HEADER: msg.exchange, ORIGINAL_ROUTING_KEY_HEADER: msg.routing_key}
+
+
+def retry_headers(msg: Message) -> FieldTable:
+    """The headers a retry copy of ``msg`` gets (over the original's)."""
+    return {ATTEMPT_HEADER: msg.attempt + 1, **_original_route(msg)}
+
+
+def dead_letter_headers(msg: Message, outcome: Outcome) -> FieldTable:
+    """The headers a dead-letter copy of ``msg`` gets: the reason, where and when."""
+    now = datetime.datetime.now(datetime.UTC)
+    return {
+        "x-error-type": outcome.error_type,
+        "x-error-message": outcome.error_message,
+        "x-failed-queue": msg.queue,
+        ATTEMPT_HEADER: msg.attempt,
+        "x-failed-at": now.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+        **_original_route(msg),
+    }
+
+
+def copy_headers(original: FieldTable | None, headers: FieldTable) -> FieldTable:
+    """The headers of a retry or dead-letter copy: the original's, updated."""
+    merged = dict(original or {})
+    # The copy is a new message: the broker's count of the original's deliveries is
+    # in its x-attempt already, and would otherwise be counted again.
+    merged.pop(DELIVERY_COUNT_HEADER, None)
+    merged.update(headers)
+    return merged
+
+
 def _copy_properties(properties: Properties, headers: FieldTable) -> Properties:
     """The properties of a retry or dead-letter copy: the original's plus ``headers``,
     persistent, and without ``expiration`` (as the broker's own dead-lettering does:
     a per-message TTL would silently drop the copy from the dead-letter queue, or cut
     a retry delay short)."""
-    merged = dict(properties.headers or {})
-    merged.update(headers)
     return Properties(
         content_type=properties.content_type,
         content_encoding=properties.content_encoding,
-        headers=merged,
+        headers=copy_headers(properties.headers, headers),
         delivery_mode=2,
         priority=properties.priority,
         correlation_id=properties.correlation_id,
@@ -258,6 +315,12 @@ class Dispatcher:
         self._on_fatal = on_fatal
         self._random = random
         self._backoff = backoff
+        self._state: _ChannelState | None = None
+
+    @property
+    def inflight(self) -> int:
+        """Handlers running now (on the current channel)."""
+        return self._state.inflight if self._state is not None else 0
 
     # -- the channel loop ---------------------------------------------------------------
 
@@ -284,6 +347,12 @@ class Dispatcher:
             def subscribed() -> None:
                 nonlocal status, subscribed_at
                 subscribed_at = anyio.current_time()
+                logger.info(
+                    "subscribed to queue %r (prefetch %d)",
+                    self.queue,
+                    self.prefetch,
+                    extra={"event": "subscribed", "queue": self.queue},
+                )
                 self._on_subscribed(self.queue, True)
                 if status is not None:
                     status.started()
@@ -317,6 +386,7 @@ class Dispatcher:
                 self.queue,
                 error,
                 delay,
+                extra={"event": "resubscribing", "queue": self.queue, "delay": round(delay, 3)},
             )
             with self.shutdown.intake_scope() as scope:
                 await anyio.sleep(delay)
@@ -326,7 +396,7 @@ class Dispatcher:
 
     async def _serve(self, ch: Channel, subscribed: Callable[[], None]) -> AMQPError | None:
         """Consume on ``ch`` until a shutdown (returns None) or an error (returned)."""
-        state = _ChannelState(ch, self.spec.concurrency)
+        state = self._state = _ChannelState(ch, self.spec.concurrency)
         error: AMQPError | None = None
         try:
             async with anyio.create_task_group() as handlers:
@@ -370,6 +440,7 @@ class Dispatcher:
             self.queue,
             max(remaining, 0.0),
             state.inflight,
+            extra={"event": "draining", "queue": self.queue},
         )
         scope = self.shutdown.grace_scope()
         try:
@@ -383,6 +454,7 @@ class Dispatcher:
                 "go back to the queue",
                 self.queue,
                 state.inflight,
+                extra={"event": "grace_over", "queue": self.queue},
             )
 
     # -- one delivery -------------------------------------------------------------------
@@ -390,7 +462,9 @@ class Dispatcher:
     async def _handle(self, state: _ChannelState, delivery: Delivery) -> None:
         spec = self.spec
         try:
-            msg = Message.from_delivery(delivery, spec.queue)
+            msg = Message.from_delivery(
+                delivery, spec.queue, delivery_count=spec.queue_type == "quorum"
+            )
         except Exception:  # never expected; the broker dead-letters it to the .dlq
             logger.exception(
                 "queue %r: delivery %d is unreadable", self.queue, delivery.delivery_tag
@@ -402,20 +476,7 @@ class Dispatcher:
         error: BaseException | None = None
         try:
             try:
-                if spec.timeout is None:
-                    await spec.handler(msg)
-                else:
-                    with anyio.CancelScope() as scope:
-                        scope.deadline = started + spec.timeout
-                        await spec.handler(msg)
-                    # cancel_called, not cancelled_caught: a handler that swallowed the
-                    # cancellation and returned still ran out of time.
-                    if scope.cancel_called:
-                        error = TimeoutError(
-                            f"the handler exceeded its timeout of {spec.timeout:g} s"
-                        )
-            except Exception as exc:
-                error = exc
+                error = await call_handler(spec, msg)
             except anyio.get_cancelled_exc_class():
                 # shutdown after the grace period, or the channel/connection is gone
                 await state.requeue(delivery.delivery_tag)
@@ -480,15 +541,11 @@ class Dispatcher:
 
     async def _publish_retry(self, msg: Message, outcome: Outcome) -> None:
         assert outcome.delay is not None
-        headers: FieldTable = {ATTEMPT_HEADER: msg.attempt + 1}
-        if ORIGINAL_ROUTING_KEY_HEADER not in msg.headers:
-            headers[ORIGINAL_EXCHANGE_HEADER] = msg.exchange
-            headers[ORIGINAL_ROUTING_KEY_HEADER] = msg.routing_key
         await self._publish_copy(
             msg,
             retry_queue_name(self.queue, outcome.delay),
             retry_queue_arguments(self.queue, outcome.delay),
-            headers,
+            retry_headers(msg),
         )
 
     async def _publish_copy(
@@ -509,18 +566,9 @@ class Dispatcher:
             )
 
     async def _publish_dead_letter(self, msg: Message, outcome: Outcome) -> None:
-        now = datetime.datetime.now(datetime.UTC)
-        headers: FieldTable = {
-            "x-error-type": outcome.error_type,
-            "x-error-message": outcome.error_message,
-            "x-failed-queue": self.queue,
-            ATTEMPT_HEADER: msg.attempt,
-            "x-failed-at": now.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
-        }
-        if ORIGINAL_ROUTING_KEY_HEADER not in msg.headers:
-            headers[ORIGINAL_EXCHANGE_HEADER] = msg.exchange
-            headers[ORIGINAL_ROUTING_KEY_HEADER] = msg.routing_key
-        await self._publish_copy(msg, dead_letter_queue_name(self.queue), None, headers)
+        await self._publish_copy(
+            msg, dead_letter_queue_name(self.queue), None, dead_letter_headers(msg, outcome)
+        )
 
     def _record(
         self, msg: Message, outcome: Outcome, started: float, error: BaseException | None
@@ -535,17 +583,21 @@ class Dispatcher:
             action = f"dead-lettered to {dead_letter_queue_name(self.queue)!r}"
         else:
             action = "requeued"
+        reason = error_type(error) if error is not None else outcome.error_type or "Requeue"
+        if error is not None and str(error):
+            reason = f"{reason}: {error}"
         logger.warning(
-            "queue %r: message %r (delivery_tag %d, attempt %d) failed after %.3f s: %s: %s; %s",
+            "queue %r: message %r (delivery_tag %d, attempt %d) failed after %.3f s: %s; %s",
             self.queue,
             msg.message_id,
             msg.delivery_tag,
             msg.attempt,
             duration,
-            error_type(error) if error is not None else outcome.error_type or "Requeue",
-            error if error is not None else "",
+            reason,
             action,
             extra={
+                "event": "message_failed",
+                "error": reason,
                 "queue": self.queue,
                 "message_id": msg.message_id,
                 "delivery_tag": msg.delivery_tag,

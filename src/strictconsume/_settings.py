@@ -10,6 +10,7 @@ backend            STRICTCONSUME_BACKEND            trio (or asyncio)
 log_level          STRICTCONSUME_LOG_LEVEL          INFO
 log_format         STRICTCONSUME_LOG_FORMAT         text (or json)
 consumer_timeout   STRICTCONSUME_CONSUMER_TIMEOUT   1800.0 (the broker's, seconds)
+http               STRICTCONSUME_HTTP               not served (HOST:PORT)
 =================  ===============================  =========================
 
 Several URLs (the nodes of a cluster) are separated by commas or whitespace; the
@@ -27,6 +28,7 @@ from typing import Any, Literal
 
 import attrs
 
+from ._http import parse_address
 from .amqp import ConnectionParameters, parse_url, redact_url
 
 __all__ = ["DEFAULT_URL", "ENV_PREFIX", "Settings", "SettingsError", "resolve_settings"]
@@ -62,6 +64,7 @@ class Settings:
     log_level: str = "INFO"
     log_format: Literal["text", "json"] = "text"
     consumer_timeout: float = 1800.0
+    http: str | None = None
 
     @property
     def parameters(self) -> tuple[ConnectionParameters, ...]:
@@ -76,7 +79,7 @@ class Settings:
             f"Settings(urls={self.redacted_urls!r}, prefetch={self.prefetch!r}, "
             f"grace_period={self.grace_period!r}, backend={self.backend!r}, "
             f"log_level={self.log_level!r}, log_format={self.log_format!r}, "
-            f"consumer_timeout={self.consumer_timeout!r})"
+            f"consumer_timeout={self.consumer_timeout!r}, http={self.http!r})"
         )
 
 
@@ -118,6 +121,12 @@ def _log_level(value: Any) -> str:
     return text
 
 
+def _http_address(value: Any) -> str:
+    text = str(value).strip()
+    parse_address(text)  # -> ValueError naming the form wanted
+    return text
+
+
 def _url_setting(value: Any) -> tuple[str, ...]:
     urls = _urls(value)
     for url in urls:
@@ -133,6 +142,7 @@ _CONVERTERS: dict[str, Callable[[Any], Any]] = {
     "log_level": _log_level,
     "log_format": _choice("text", "json"),
     "consumer_timeout": _seconds,
+    "http": _http_address,
 }
 
 

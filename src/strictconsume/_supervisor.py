@@ -84,6 +84,7 @@ class Supervisor:
         publishing: PublishChannelSlot,
         on_outcome: OutcomeHook,
         on_fatal: Callable[[BaseException], None],
+        on_reconnect: Callable[[], None] = lambda: None,
         random: random_module.Random | None = None,
         backoff: Backoff = DEFAULT_BACKOFF,
         connect: Connect = _connect,
@@ -96,6 +97,7 @@ class Supervisor:
         self.backoff = backoff
         self.random = random if random is not None else random_module.Random()
         self._connect = connect
+        self._on_reconnect = on_reconnect
         self._publishing = publishing
         self.connected = False
         self.ever_ready = False
@@ -148,7 +150,7 @@ class Supervisor:
                         async with self._connect(params) as conn:
                             connected_at = anyio.current_time()
                             self.connected = True
-                            logger.info("connected to %s", params.url)
+                            logger.info("connected to %s", params.url, extra={"event": "connected"})
                             await self._session(conn, task_status, attempt_scope)
                 except Exception as exc:
                     error = sole_exception(exc)
@@ -162,6 +164,7 @@ class Supervisor:
                     break
                 if connected_at is not None:
                     self.reconnects += 1
+                    self._on_reconnect()
                     if anyio.current_time() - connected_at >= self.backoff.reset_after:
                         attempt = 0
                 delay = self.backoff.delay(attempt, self.random.random())
@@ -175,6 +178,7 @@ class Supervisor:
                         error,
                         delay,
                         following,
+                        extra={"event": "reconnecting", "delay": round(delay, 3)},
                     )
                 else:
                     logger.error(
@@ -182,6 +186,7 @@ class Supervisor:
                         params.url,
                         delay,
                         exc_info=error,
+                        extra={"event": "reconnecting", "delay": round(delay, 3)},
                     )
                 with self.shutdown.intake_scope() as sleep_scope:
                     await anyio.sleep(delay)
@@ -233,6 +238,7 @@ class Supervisor:
                     logger.info(
                         "ready: consuming %s",
                         ", ".join(repr(spec.queue) for spec in self.specs) or "nothing",
+                        extra={"event": "ready"},
                     )
                 if not self.ever_ready:
                     self.ever_ready = True

@@ -326,10 +326,12 @@ def test_sigterm_finishes_the_fast_and_requeues_the_slow(harness: Harness, backe
     assert message_count(harness.url, f"{harness.queue}.dlq") == 0
     for line in (
         "SIGTERM received: shutting down",
-        f"shutting down: stopping intake, grace period {grace:g} s",
+        f"shutting down: stopping intake; 50 handler(s) running get a grace period of "
+        f"{grace:g} s",
         "handler(s) still running",
         "grace period over; cancelling 25 handler(s)",
-        "stopped",
+        "stopped after handling 50 message(s) (ack 25, retry 0, dead_letter 0, requeue 0, "
+        "cancelled 25)",
     ):
         assert line in log, f"{line!r} not in the log:\n{log}"
     assert "Traceback" not in log, log
