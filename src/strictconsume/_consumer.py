@@ -26,6 +26,8 @@ SPEC_ATTRIBUTE = "__strictconsume_consumer__"
 QueueType = Literal["classic", "quorum"]
 EXCHANGE_TYPES = frozenset({"direct", "topic", "fanout", "headers"})
 MAX_PREFETCH = 65535  # basic.qos prefetch-count is a short
+#: The delivery limit of a quorum queue when none is given (RabbitMQ 4's default).
+DEFAULT_DELIVERY_LIMIT = 20
 
 
 def _queue_name(instance: object, attribute: attrs.Attribute[str], value: str) -> None:
@@ -116,6 +118,29 @@ class ConsumerSpec:
     concurrency: int | None = attrs.field(default=None, validator=_optional_prefetch)
     #: Extra queue arguments (``x-max-length``, ...), merged with the dead-letter ones.
     arguments: Mapping[str, Any] | None = attrs.field(default=None, eq=False)
+    #: Quorum queues: deliveries of one message before the broker dead-letters it
+    #: (None: :data:`DEFAULT_DELIVERY_LIMIT`; 0: no limit).
+    delivery_limit: int | None = attrs.field(default=None)
+
+    @delivery_limit.validator
+    def _check_delivery_limit(self, attribute: attrs.Attribute[Any], value: Any) -> None:
+        if value is None:
+            return
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"delivery_limit must be an int >= 0 (or None), not {value!r}")
+        if self.queue_type != "quorum":
+            raise ValueError(
+                f"queue {self.queue!r}: delivery_limit needs queue_type='quorum' (classic "
+                "queues do not count deliveries)"
+            )
+
+    @property
+    def effective_delivery_limit(self) -> int | None:
+        """The ``x-delivery-limit`` declared: None for classic queues and for 0."""
+        if self.queue_type != "quorum":
+            return None
+        limit = DEFAULT_DELIVERY_LIMIT if self.delivery_limit is None else self.delivery_limit
+        return limit or None
 
     def __attrs_post_init__(self) -> None:
         if not inspect.iscoroutinefunction(self.handler):
@@ -153,6 +178,7 @@ def consumer(
     durable: bool = True,
     concurrency: int | None = None,
     arguments: Mapping[str, Any] | None = None,
+    delivery_limit: int | None = None,
 ) -> Callable[[H], H]:
     """Declare an ``async def`` function as the handler of ``queue``.
 
@@ -171,6 +197,10 @@ def consumer(
         durable: Declare the queue durable (default) so it survives a broker restart.
         concurrency: Run at most this many handlers at once (at most ``prefetch``).
         arguments: Extra queue arguments, such as ``{"x-max-length": 10000}``.
+        delivery_limit: Quorum queues only: how often one message may be delivered
+            and returned (requeued, or its handler's connection lost) before the broker
+            dead-letters it to ``.dlq``; default 20, 0 for no limit. ``msg.attempt``
+            counts these deliveries there (``x-delivery-count``).
     """
 
     def decorate(handler: H) -> H:
@@ -185,6 +215,7 @@ def consumer(
             durable=durable,
             concurrency=concurrency,
             arguments=arguments,
+            delivery_limit=delivery_limit,
         )
         setattr(handler, SPEC_ATTRIBUTE, spec)
         return handler

@@ -15,6 +15,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ATTEMPT_HEADER",
+    "DELIVERY_COUNT_HEADER",
     "ORIGINAL_EXCHANGE_HEADER",
     "ORIGINAL_ROUTING_KEY_HEADER",
     "DecodeError",
@@ -24,6 +25,9 @@ __all__ = [
 
 #: The attempt number a retried copy carries (1 on the first delivery, absent there).
 ATTEMPT_HEADER = "x-attempt"
+#: Set by quorum queues on a redelivery: how often the message was returned to the
+#: queue (a requeue, a lost channel) before this delivery.
+DELIVERY_COUNT_HEADER = "x-delivery-count"
 #: Where a message was first published; a retried copy travels through the retry
 #: queue with a different exchange and routing key, so the original ones ride along.
 ORIGINAL_EXCHANGE_HEADER = "x-original-exchange"
@@ -38,19 +42,30 @@ class DecodeError(ValueError):
     """
 
 
-def attempt_of(headers: FieldTable | None) -> int:
-    """The attempt number recorded in a message's headers (1 when absent or garbled)."""
-    if not headers:
-        return 1
-    value = headers.get(ATTEMPT_HEADER)
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+def _count(value: object, minimum: int) -> int | None:
+    """A counter header's value, or None when absent or garbled (never raises)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= minimum:
         return value
     if isinstance(value, bytes | bytearray | str):
         text = value.decode("ascii", "replace") if not isinstance(value, str) else value
         # isdigit() accepts "²", which int() refuses: this must never raise.
-        if text.isascii() and text.isdecimal() and int(text) >= 1:
+        if text.isascii() and text.isdecimal() and int(text) >= minimum:
             return int(text)
-    return 1
+    return None
+
+
+def attempt_of(headers: FieldTable | None, *, delivery_count: bool = False) -> int:
+    """The attempt number recorded in a message's headers (1 when absent or garbled).
+
+    With ``delivery_count`` (a quorum queue), the broker's ``x-delivery-count`` (the
+    returns to the queue before this delivery) is added.
+    """
+    if not headers:
+        return 1
+    attempt = _count(headers.get(ATTEMPT_HEADER), 1) or 1
+    if delivery_count:
+        attempt += _count(headers.get(DELIVERY_COUNT_HEADER), 0) or 0
+    return attempt
 
 
 def _text(value: object, default: str) -> str:
@@ -67,8 +82,9 @@ class Message:
 
     ``routing_key`` and ``exchange`` are those the message was first published with,
     also on a retried copy (which reaches the queue again through its retry queue).
-    ``attempt`` is 1 on the first delivery and counts retries; a requeue (``Requeue``,
-    a shutdown, a lost connection) does not count as an attempt.
+    ``attempt`` is 1 on the first delivery and counts retries. On a classic queue a
+    requeue (``Requeue``, a shutdown, a lost connection) does not count as an attempt;
+    on a quorum queue it does, since the broker counts it (``x-delivery-count``).
     """
 
     body: bytes
@@ -82,7 +98,11 @@ class Message:
     consumer_tag: str = ""
 
     @classmethod
-    def from_delivery(cls, delivery: Delivery, queue: str) -> Message:
+    def from_delivery(
+        cls, delivery: Delivery, queue: str, *, delivery_count: bool = False
+    ) -> Message:
+        """The message of ``delivery`` from ``queue``; ``delivery_count``: the queue is
+        a quorum queue, whose ``x-delivery-count`` header counts as attempts."""
         headers = delivery.properties.headers
         exchange, routing_key = delivery.exchange, delivery.routing_key
         if headers and ORIGINAL_ROUTING_KEY_HEADER in headers:
@@ -96,7 +116,7 @@ class Message:
             exchange=exchange,
             routing_key=routing_key,
             queue=queue,
-            attempt=attempt_of(headers),
+            attempt=attempt_of(headers, delivery_count=delivery_count),
             consumer_tag=delivery.consumer_tag,
         )
 

@@ -57,6 +57,9 @@ def queue_arguments(spec: ConsumerSpec) -> FieldTable:
     arguments.update(main_queue_arguments(spec.queue))
     if spec.queue_type == "quorum":
         arguments["x-queue-type"] = "quorum"
+    limit = spec.effective_delivery_limit
+    if limit is not None:
+        arguments["x-delivery-limit"] = limit
     return arguments
 
 

@@ -381,6 +381,7 @@ async def test_exception_is_retried_then_dead_lettered(
         expected = main_arguments(queue)
         if queue_type == "quorum":
             expected["x-queue-type"] = "quorum"
+            expected["x-delivery-limit"] = 20  # the default for quorum queues
         assert await pk.has_arguments(queue, expected)
         assert await pk.has_arguments(f"{queue}.dlq", {})
 

@@ -83,13 +83,13 @@ def _encodable(value: FieldValue) -> FieldValue:
     if isinstance(value, bytes):
         return bytearray(value)
     if isinstance(value, dict):
-        return _encodable_table(value)
+        return encodable_table(value)
     if isinstance(value, list):
         return [_encodable(item) for item in value]
     return value
 
 
-def _encodable_table(table: FieldTable) -> FieldTable:
+def encodable_table(table: FieldTable) -> FieldTable:
     """``table`` with ``bytes`` values (at any depth) as ``bytearray``.
 
     pamqp encodes a byte array from ``bytearray`` only and refuses ``bytes``, which is
@@ -480,7 +480,7 @@ class Channel:
         if not isinstance(body, bytes | bytearray | memoryview):
             raise TypeError(f"body must be bytes, not {type(body).__name__}")
         if properties is not None and properties.headers:
-            headers = _encodable_table(properties.headers)
+            headers = encodable_table(properties.headers)
             if headers is not properties.headers:
                 properties = copy.copy(properties)  # never change the caller's object
                 properties.headers = headers
