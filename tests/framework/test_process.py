@@ -29,10 +29,11 @@ from pathlib import Path
 
 import anyio
 import attrs
+import httpx
 import pika
 import pytest
 
-from ..amqp.oracle import Oracle
+from ..amqp.oracle import Oracle, pika_channel
 from ..conftest import REPO, dev_broker, external_broker_url, free_node_port
 
 pytestmark = pytest.mark.broker
@@ -326,8 +327,7 @@ def test_sigterm_finishes_the_fast_and_requeues_the_slow(harness: Harness, backe
     assert message_count(harness.url, f"{harness.queue}.dlq") == 0
     for line in (
         "SIGTERM received: shutting down",
-        f"shutting down: stopping intake; 50 handler(s) running get a grace period of "
-        f"{grace:g} s",
+        f"shutting down: stopping intake; 50 handler(s) running get a grace period of {grace:g} s",
         "handler(s) still running",
         "grace period over; cancelling 25 handler(s)",
         "stopped after handling 50 message(s) (ack 25, retry 0, dead_letter 0, requeue 0, "
@@ -409,9 +409,11 @@ def test_sigterm_while_the_broker_is_unreachable_exits_at_once(
 # -- 3. fatal start-up -----------------------------------------------------------------
 
 
-def _with(url: str, *, password: str | None = None, vhost: str | None = None) -> str:
+def _with(
+    url: str, *, user: str | None = None, password: str | None = None, vhost: str | None = None
+) -> str:
     parts = urllib.parse.urlsplit(url)
-    user = urllib.parse.unquote(parts.username or "guest")
+    user = user if user is not None else urllib.parse.unquote(parts.username or "guest")
     secret = password if password is not None else urllib.parse.unquote(parts.password or "")
     host = f"{parts.hostname}:{parts.port}" if parts.port else str(parts.hostname)
     path = "/" + urllib.parse.quote(vhost, safe="") if vhost is not None else parts.path
@@ -630,3 +632,89 @@ def test_reconnects_through_closed_connections_and_a_restart(
     print(f"[{backend}] exit {code} {exited - signalled:.2f} s after SIGTERM")
     assert code == 0, consumer.tail()
     assert "stopped" in consumer.tail(5)
+
+
+# -- observability: JSON logs and --http -----------------------------------------------------
+
+
+def _json_lines(log: str) -> list[dict[str, object]]:
+    """Every line of ``log`` parsed as JSON (the test fails on a line that is not)."""
+    lines = []
+    for line in log.splitlines():
+        try:
+            lines.append(json.loads(line))
+        except json.JSONDecodeError:
+            raise AssertionError(f"not a JSON line: {line!r}\nin:\n{log}") from None
+    return lines
+
+
+def _events(consumer: Consumer) -> list[dict[str, object]]:
+    return [line for line in _json_lines(consumer.log()) if "event" in line]
+
+
+@BACKENDS
+def test_json_logs_and_http_endpoints_of_the_cli(
+    harness: Harness, backend: str, broker_ctl: None
+) -> None:
+    user, password = f"sc-cli-{uuid.uuid4().hex[:8]}", f"pw-{uuid.uuid4().hex}"
+    dev_broker("ctl", "add_user", user, password)
+    harness.urls_used.add(harness.url)  # to delete the queues as guest afterwards
+    try:
+        dev_broker("ctl", "set_permissions", "-p", "/", user, ".*", ".*", ".*")
+        url = _with(harness.url, user=user, password=password)
+        consumer = harness.start(
+            backend, "--http", "127.0.0.1:0", "--log-format", "json", "--grace-period", "5", url=url
+        )
+        consumer.wait_for(
+            lambda: any(e["event"] == "ready" for e in _events(consumer)), 20, "the ready event"
+        )
+        serving = [e for e in _events(consumer) if e["event"] == "http_serving"]
+        assert len(serving) == 1, consumer.log()
+        http = str(serving[0]["message"]).rsplit(" ", 1)[1]
+        assert http.startswith("http://127.0.0.1:")
+        assert httpx.get(f"{http}/health/live").status_code == 200
+        assert httpx.get(f"{http}/health/ready").status_code == 200
+
+        publish(harness.url, harness.queue, [{"id": "fine", "sleep": 0}])
+        with pika_channel(harness.url) as ch:
+            ch.basic_publish(
+                "", harness.queue, b"not json", pika.BasicProperties(message_id="garbage")
+            )
+        consumer.wait_for(
+            lambda: any(e["event"] == "message_failed" for e in _events(consumer)),
+            10,
+            "the failed message's log line",
+        )
+        consumer.wait_for(lambda: consumer.finished() == ["fine"], 10, "'fine' finished")
+        metrics = httpx.get(f"{http}/metrics").text
+        assert f'strictconsume_messages_total{{outcome="ack",queue="{harness.queue}"}} 1.0' in (
+            metrics
+        )
+        assert (
+            f'strictconsume_messages_total{{outcome="dead_letter",queue="{harness.queue}"}} 1.0'
+            in metrics
+        )
+
+        consumer.send(signal.SIGTERM)
+        code, _ = consumer.wait_exit(20)
+        assert code == 0, consumer.log()
+        log = consumer.log()
+        assert password not in log
+        events = _events(consumer)
+        names = [e["event"] for e in events]
+        for expected in ("connected", "subscribed", "ready", "http_serving", "shutting_down"):
+            assert expected in names, names
+        assert names[-1] == "stopped", names
+        failed = next(e for e in events if e["event"] == "message_failed")
+        assert failed["queue"] == harness.queue
+        assert failed["message_id"] == "garbage"
+        assert failed["outcome"] == "dead_letter"
+        assert failed["attempt"] == 1
+        assert isinstance(failed["delivery_tag"], int)
+        assert isinstance(failed["duration"], float)
+        assert str(failed["error"]).startswith("strictconsume.DecodeError: the body of message")
+        assert all(line["level"] in ("INFO", "WARNING") for line in _json_lines(log)), log
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"{http}/health/live")
+    finally:
+        dev_broker("ctl", "delete_user", user, check=False)
