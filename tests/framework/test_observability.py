@@ -23,6 +23,8 @@ import anyio
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from starlette.applications import Starlette
+from starlette.routing import Mount
 
 import strictconsume as sc
 from strictconsume._cli import JSONFormatter
@@ -202,6 +204,23 @@ async def test_metrics_render_the_design_names_and_values() -> None:
     assert found["strictconsume_inflight"] == {(("queue", "q1"),): 0.0, (("queue", "q2"),): 0.0}
     assert found["strictconsume_connected"] == {(): 0.0}
     assert found["strictconsume_reconnects_total"] == {(): 3.0}
+
+
+@pytest.mark.anyio
+async def test_mounted_in_a_starlette_app() -> None:
+    app = _app_with_queues("q1")
+    api = Starlette(routes=[Mount("/consumers", app=app.asgi())])
+    transport = httpx.ASGITransport(app=api)
+    async with httpx.AsyncClient(transport=transport, base_url="http://service") as client:
+        live = await client.get("/consumers/health/live")
+        assert (live.status_code, live.json()["running"]) == (503, False)
+        ready = await client.get("/consumers/health/ready")
+        assert ready.json()["consumers"] == {"q1": "not subscribed"}
+        metrics = await client.get("/consumers/metrics")
+        assert metrics.status_code == 200
+        assert "strictconsume_reconnects_total 0.0" in metrics.text
+        assert (await client.get("/consumers/elsewhere")).status_code == 404
+        assert (await client.get("/health/live")).status_code == 404  # not outside the mount
 
 
 def test_asgi_app_without_prometheus_client_says_what_to_install(

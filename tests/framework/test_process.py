@@ -718,3 +718,18 @@ def test_json_logs_and_http_endpoints_of_the_cli(
             httpx.get(f"{http}/health/live")
     finally:
         dev_broker("ctl", "delete_user", user, check=False)
+
+
+@BACKENDS
+def test_an_http_address_in_use_is_fatal_with_one_line(harness: Harness, backend: str) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code, took, log = _run_to_exit(harness, backend, "--http", f"127.0.0.1:{port}")
+    assert code == 1, log
+    assert took < 10
+    errors = _error_lines(log)
+    assert len(errors) == 1, log
+    assert f"cannot serve health and metrics on 127.0.0.1:{port}" in errors[0]
+    assert "Traceback" not in log, log
