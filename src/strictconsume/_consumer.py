@@ -150,6 +150,11 @@ class ConsumerSpec:
             )
         if self.queue_type == "quorum" and not self.durable:
             raise ValueError(f"queue {self.queue!r}: quorum queues are always durable")
+        if self.arguments and "x-delivery-limit" in self.arguments:
+            raise ValueError(
+                f"queue {self.queue!r}: give the delivery limit as delivery_limit=, not in "
+                "arguments (the consumer declares x-delivery-limit itself)"
+            )
         if (
             self.concurrency is not None
             and self.prefetch is not None

@@ -470,6 +470,7 @@ class Dispatcher:
                 "queue %r: delivery %d is unreadable", self.queue, delivery.delivery_tag
             )
             await state.reject(delivery.delivery_tag)
+            self._on_outcome(self.queue, OutcomeKind.DEAD_LETTER, 0.0)
             state.ended()
             return
         started = anyio.current_time()

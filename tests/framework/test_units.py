@@ -49,6 +49,7 @@ from strictconsume._retry import (
     retry_queue_name,
 )
 from strictconsume._settings import DEFAULT_URL, Settings, resolve_settings
+from strictconsume._topology import queue_arguments
 from strictconsume.amqp import Delivery, Properties
 
 PASSWORD = "Pw-unit-9QxZ-never-shown"
@@ -601,6 +602,12 @@ def test_attempt_from_the_header(value: Any, attempt: int) -> None:
 
 def test_attempt_without_headers() -> None:
     assert attempt_of(None) == 1
+    # x-delivery-count counts only where asked (a quorum queue), and never garbled
+    assert attempt_of({"x-attempt": 2, "x-delivery-count": 3}) == 2
+    assert attempt_of({"x-attempt": 2, "x-delivery-count": 3}, delivery_count=True) == 5
+    assert attempt_of({"x-delivery-count": 1}, delivery_count=True) == 2
+    assert attempt_of({"x-delivery-count": "²"}, delivery_count=True) == 1
+    assert attempt_of({"x-delivery-count": -4}, delivery_count=True) == 1
     assert attempt_of({}) == 1
     assert attempt_of({"other": 5}) == 1
 
@@ -774,6 +781,14 @@ def test_non_async_handlers_are_refused() -> None:
             "quorum queues are always durable",
         ),
         ({"queue_type": "stream"}, ValueError, "queue_type"),
+        ({"delivery_limit": 5}, ValueError, "delivery_limit needs queue_type='quorum'"),
+        ({"queue_type": "quorum", "delivery_limit": -1}, ValueError, "delivery_limit must be"),
+        ({"queue_type": "quorum", "delivery_limit": True}, ValueError, "delivery_limit must be"),
+        (
+            {"queue_type": "quorum", "arguments": {"x-delivery-limit": 3}},
+            ValueError,
+            "give the delivery limit as delivery_limit=",
+        ),
         ({"retry": (1.0, 2.0)}, TypeError, "retry must be a strictconsume.Retry"),
         ({"bindings": ["shop"]}, TypeError, "bindings must be Binding objects"),
     ],
@@ -1183,3 +1198,20 @@ def test_help_explains_every_option(capsys: pytest.CaptureFixture[str]) -> None:
         "MODULE[:ATTR]",
     ):
         assert option in out
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "expected"),
+    [
+        ({}, {}),
+        ({"queue_type": "quorum"}, {"x-queue-type": "quorum", "x-delivery-limit": 20}),
+        (
+            {"queue_type": "quorum", "delivery_limit": 3},
+            {"x-queue-type": "quorum", "x-delivery-limit": 3},
+        ),
+        ({"queue_type": "quorum", "delivery_limit": 0}, {"x-queue-type": "quorum"}),
+    ],
+)
+def test_quorum_queue_arguments(kwargs: dict[str, Any], expected: dict[str, Any]) -> None:
+    spec = ConsumerSpec("orders", _handler, **kwargs)
+    assert queue_arguments(spec) == {**main_queue_arguments("orders"), **expected}
