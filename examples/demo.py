@@ -8,7 +8,8 @@ needs ``STRICTCONSUME_URL``. Steps:
    so slow), one whose payment gateway fails once, one with quantity 0 and one whose
    body is not JSON;
 3. wait until they are handled, retried or dead-lettered, then show the queues and
-   the dead letters' ``x-error-*`` headers;
+   the dead letters' ``x-error-*`` headers, and what the App serves with ``--http``:
+   ``/health/ready`` and its counters in ``/metrics``;
 4. publish one more large order and send SIGTERM while it runs: the App stops
    intake, lets the handler finish within the grace period, acks it, closes, exits 0.
 """
@@ -22,6 +23,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import anyio
@@ -44,7 +46,7 @@ class AppProcess:
     def __init__(self) -> None:
         self.lines: list[str] = []
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "strictconsume", "examples.orders:app"],
+            [sys.executable, "-m", "strictconsume", "examples.orders:app", "--http", "127.0.0.1:0"],
             cwd=REPO,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -59,6 +61,11 @@ class AppProcess:
         for line in self.proc.stdout:
             self.lines.append(line)
             print(f"{DIM}  app | {line.rstrip()}{RESET}", flush=True)
+
+    def http_url(self) -> str:
+        """Where the App serves health and metrics (it says so in its log)."""
+        line = next(line for line in self.lines if "serving health and metrics on" in line)
+        return line.split()[-1]
 
     def count(self, text: str) -> int:
         return sum(text in line for line in self.lines)
@@ -121,6 +128,17 @@ async def show_queues(url: str) -> None:
                 )
 
 
+def show_http(base: str) -> None:
+    with urllib.request.urlopen(f"{base}/health/ready", timeout=5) as response:
+        print(f"  GET /health/ready -> {response.status} {response.read().decode().strip()}")
+    with urllib.request.urlopen(f"{base}/metrics", timeout=5) as response:
+        lines = response.read().decode().splitlines()
+    print("  GET /metrics (the message counters that are not 0):")
+    for line in lines:
+        if line.startswith("strictconsume_messages_total") and not line.endswith(" 0.0"):
+            print(f"    {line}")
+
+
 def main() -> int:
     url = os.environ.get("STRICTCONSUME_URL") or os.environ.get("AMQP_URL")
     if not url:
@@ -128,7 +146,7 @@ def main() -> int:
         return 2
     anyio.run(reset_queues, url)
 
-    say("starting the consumer: python -m strictconsume examples.orders:app")
+    say("starting the consumer: python -m strictconsume examples.orders:app --http 127.0.0.1:0")
     app = AppProcess()
     try:
         app.wait_for("ready: consuming")
@@ -153,6 +171,9 @@ def main() -> int:
 
         say("the broker's queues now (read with the AMQP client)")
         anyio.run(show_queues, url)
+
+        say(f"health and metrics, served by the app on {app.http_url()} (--http)")
+        show_http(app.http_url())
 
         say("publishing a large order, then SIGTERM while it is being handled")
         anyio.run(publish_orders, url, [order(id=8, item="teapots", quantity=4, size="large")])
