@@ -102,7 +102,11 @@ class Message:
         cls, delivery: Delivery, queue: str, *, delivery_count: bool = False
     ) -> Message:
         """The message of ``delivery`` from ``queue``; ``delivery_count``: the queue is
-        a quorum queue, whose ``x-delivery-count`` header counts as attempts."""
+        a quorum queue, whose ``x-delivery-count`` header counts as attempts.
+
+        The header counts on a redelivery only: the broker sets it there, while on a
+        first delivery it would be one a publisher copied from another message.
+        """
         headers = delivery.properties.headers
         exchange, routing_key = delivery.exchange, delivery.routing_key
         if headers and ORIGINAL_ROUTING_KEY_HEADER in headers:
@@ -116,7 +120,7 @@ class Message:
             exchange=exchange,
             routing_key=routing_key,
             queue=queue,
-            attempt=attempt_of(headers, delivery_count=delivery_count),
+            attempt=attempt_of(headers, delivery_count=delivery_count and delivery.redelivered),
             consumer_tag=delivery.consumer_tag,
         )
 

@@ -612,6 +612,16 @@ def test_attempt_without_headers() -> None:
     assert attempt_of({"other": 5}) == 1
 
 
+def test_delivery_count_counts_on_a_quorum_redelivery_only() -> None:
+    headers = {"x-attempt": 2, "x-delivery-count": 3}
+    redelivered = delivery(headers=headers, redelivered=True)
+    assert Message.from_delivery(redelivered, "orders", delivery_count=True).attempt == 5
+    assert Message.from_delivery(redelivered, "orders").attempt == 2  # a classic queue
+    # a first delivery whose publisher copied the header from another message
+    first = delivery(headers=headers, redelivered=False)
+    assert Message.from_delivery(first, "orders", delivery_count=True).attempt == 2
+
+
 def test_original_routing_is_restored_on_a_retried_copy() -> None:
     retried = delivery(
         exchange="",
