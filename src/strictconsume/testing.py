@@ -11,10 +11,14 @@
 
 The outcome is decided by the code the App runs (:func:`decide` over the handler's
 exception, the consumer's :class:`Retry` policy and the message's attempt), the
-handler runs under its ``timeout`` as in the App, and the message goes through the
-AMQP codec first, so headers arrive as the broker would deliver them (a ``float``
-as single precision, ``bytes`` as ``bytearray``). :func:`run_handler_sync` is the
-same for tests that are not async.
+handler runs under its ``timeout`` as in the App, and the properties go through the
+AMQP codec first, so headers arrive as they would from a publisher using this
+package (pamqp encodes a ``float`` as single precision; ``bytes`` arrive as
+``bytearray``). :func:`run_handler_sync` is the same for tests that are not async.
+
+Not modelled: what the broker does on its own, such as a quorum queue's delivery
+limit dead-lettering a message that was requeued too often (``delivery_count=``
+sets the ``x-delivery-count`` a redelivery would carry).
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from pamqp import header as pamqp_header
 from ._consumer import SPEC_ATTRIBUTE, ConsumerSpec
 from ._dispatch import call_handler, copy_headers, dead_letter_headers, retry_headers
 from ._message import ATTEMPT_HEADER, DELIVERY_COUNT_HEADER, Message
-from ._outcome import OutcomeKind, decide, error_type
+from ._outcome import OutcomeKind, decide, error_type, sole_exception
 from ._retry import Retry, dead_letter_queue_name, retry_queue_name
 from .amqp import Delivery, Properties
 from .amqp._channel import encodable_table
@@ -109,7 +113,7 @@ def make_message(
     properties: Properties | None = None,
     message_id: str | None = None,
     content_type: str | None = None,
-    attempt: int = 1,
+    attempt: int | None = None,
     delivery_count: int = 0,
     routing_key: str | None = None,
     exchange: str = "",
@@ -117,14 +121,16 @@ def make_message(
     delivery_tag: int = 1,
 ) -> Message:
     """The :class:`Message` the App would hand the handler of ``spec``."""
+    props = Properties() if properties is None else _copy_of(properties)
     if json is not _MISSING:
         body = json_module.dumps(json).encode()
-        content_type = content_type or "application/json"
+        content_type = content_type or props.content_type or "application/json"
     data = body.encode() if isinstance(body, str) else bytes(body)
-    props = Properties() if properties is None else _copy_of(properties)
     merged: FieldTable = dict(props.headers or {})
     merged.update(headers or {})
-    if attempt != 1:
+    if attempt is not None:
+        if isinstance(attempt, bool) or not isinstance(attempt, int) or attempt < 1:
+            raise ValueError(f"attempt must be an int >= 1, not {attempt!r}")
         merged[ATTEMPT_HEADER] = attempt
     if delivery_count:
         merged[DELIVERY_COUNT_HEADER] = delivery_count
@@ -164,7 +170,7 @@ async def run_handler(
     properties: Properties | None = None,
     message_id: str | None = None,
     content_type: str | None = None,
-    attempt: int = 1,
+    attempt: int | None = None,
     delivery_count: int = 0,
     routing_key: str | None = None,
     exchange: str = "",
@@ -182,7 +188,8 @@ async def run_handler(
         body: The body (``str`` is encoded as UTF-8); or ``json=`` a value to encode
             (content type ``application/json``).
         headers, properties, message_id, content_type: The message's properties.
-        attempt: Which attempt this delivery is (a retried copy carries ``x-attempt``).
+        attempt: Which attempt this delivery is, from 1 (sets ``x-attempt``, which a
+            retried copy carries; default: the headers', else 1).
         delivery_count: A quorum queue's ``x-delivery-count`` (returns before this).
         routing_key, exchange, redelivered: As delivered (routing key: the queue).
         queue, timeout, retry: Override the consumer's.
@@ -210,7 +217,9 @@ async def run_handler(
     error = await call_handler(spec, msg)
     outcome = decide(error, attempt=msg.attempt, retry=spec.retry)
     kind = outcome.kind
-    reason = f"{outcome.error_type}: {outcome.error_message}" if outcome.error_type else None
+    reason = outcome.error_type or None
+    if reason and outcome.error_message:
+        reason = f"{reason}: {outcome.error_message}"
     destination: str | None = None
     copy: FieldTable = {}
     if kind is OutcomeKind.RETRY:
@@ -221,7 +230,7 @@ async def run_handler(
         destination = dead_letter_queue_name(spec.queue)
         copy = copy_headers(msg.headers, dead_letter_headers(msg, outcome))
     elif kind is OutcomeKind.REQUEUE and error is not None:
-        reason = error_type(error)
+        reason = error_type(sole_exception(error))
     return HandlerResult(
         outcome=kind.value,  # type: ignore[arg-type]  # CANCELLED never comes from decide
         message=msg,
