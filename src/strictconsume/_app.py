@@ -273,7 +273,7 @@ class App:
                 )
         self._warn_about_timeouts(settings)
         self.metrics.add_queues(spec.queue for spec in self._specs)
-        handled_before = sum(self.metrics.messages.values())
+        counted_before = Counter(self.metrics.messages)
         shutdown = self._shutdown if self._shutdown is not None else Shutdown()
         self._shutdown = shutdown
         supervisor = Supervisor(
@@ -311,6 +311,12 @@ class App:
                         finally:
                             if not shutdown.requested:
                                 self.stop()
+        except anyio.get_cancelled_exc_class():
+            # The program around the App cancelled it (a web server's shutdown timeout,
+            # a cancel scope): no grace period; the handlers' messages were requeued.
+            if startup_error is None:
+                self._log_stopped(counted_before, cancelled=True)
+            raise
         finally:
             self._publishing.stop()
             self._supervisor = None
@@ -318,12 +324,7 @@ class App:
             self._running = False
             self._http_url = None
         if startup_error is None:
-            logger.info(
-                "stopped after handling %d message(s) (%s)",
-                sum(self.metrics.messages.values()) - handled_before,
-                ", ".join(f"{kind.value} {self._count(kind)}" for kind in OutcomeKind),
-                extra={"event": "stopped"},
-            )
+            self._log_stopped(counted_before)
         if startup_error is not None:
             raise startup_error
         if body_error is not None:
@@ -332,8 +333,29 @@ class App:
         if fatal is not None:
             raise fatal
 
-    def _count(self, kind: OutcomeKind) -> int:
-        return sum(n for (_, outcome), n in self.metrics.messages.items() if outcome == kind.value)
+    def _log_stopped(self, before: Counter[tuple[str, str]], *, cancelled: bool = False) -> None:
+        """One line for the end of a run, with its count of each outcome."""
+        run = self.metrics.messages - before
+        counts = ", ".join(
+            f"{kind.value} {sum(n for (_, outcome), n in run.items() if outcome == kind.value)}"
+            for kind in OutcomeKind
+        )
+        if cancelled:
+            logger.warning(
+                "stopped by a cancellation from the program around the App, without a grace "
+                "period (the messages of cancelled handlers go back to the queue); handled "
+                "%d message(s) (%s)",
+                run.total(),
+                counts,
+                extra={"event": "stopped"},
+            )
+        else:
+            logger.info(
+                "stopped after handling %d message(s) (%s)",
+                run.total(),
+                counts,
+                extra={"event": "stopped"},
+            )
 
     def _http_server(self, address: str) -> HttpServer:
         from ._http import HttpServer

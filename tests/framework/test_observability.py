@@ -446,3 +446,39 @@ async def test_ready_is_503_while_the_app_cannot_reconnect(
             await client.get(f"{url}/health/ready")
         ).text
         assert password not in body
+
+
+@pytest.mark.broker
+@pytest.mark.anyio
+async def test_a_cancellation_from_outside_is_logged_and_requeues(
+    broker_url: str, queue: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = sc.App(url=broker_url, grace_period=30.0)
+    started = anyio.Event()
+
+    @app.consumer(queue, timeout=60.0)
+    async def handle(msg: sc.Message) -> None:
+        started.set()
+        await anyio.sleep_forever()
+
+    oracle = Oracle(broker_url)
+    caplog.set_level(logging.INFO, logger="strictconsume")
+    with anyio.move_on_after(DEADLINE) as scope:  # the web server's shutdown timeout, say
+        async with app.running():
+            await oracle.publish(queue, b"long")
+            await started.wait()
+            scope.cancel()
+            await anyio.sleep_forever()
+    assert scope.cancelled_caught
+    stopped = [r for r in caplog.records if getattr(r, "event", None) == "stopped"]
+    assert len(stopped) == 1
+    assert stopped[0].levelno == logging.WARNING
+    assert "without a grace period" in stopped[0].getMessage()
+    assert "handled 1 message(s) (ack 0, retry 0, dead_letter 0, requeue 0, cancelled 1)" in (
+        stopped[0].getMessage()
+    )
+
+    async def back_in_the_queue() -> bool:
+        return await oracle.message_count(queue) == 1
+
+    await eventually(back_in_the_queue, "the message requeued")
