@@ -59,7 +59,19 @@ def test_amqp_public_names() -> None:
 
 
 def test_framework_public_names() -> None:
-    assert _public(strictconsume) == FRAMEWORK_NAMES
+    # `testing` appears once something imported strictconsume.testing (not at run time)
+    assert _public(strictconsume) - {"testing"} == FRAMEWORK_NAMES
+
+
+def test_testing_public_names() -> None:
+    import strictconsume.testing
+
+    assert set(strictconsume.testing.__all__) == {
+        "HandlerResult",
+        "run_handler",
+        "run_handler_sync",
+    }
+    assert "testing" in _public(strictconsume)
 
 
 def test_framework_classes_show_the_public_module() -> None:

@@ -104,7 +104,7 @@ def _through_the_codec(properties: Properties, body_size: int) -> Properties:
     return decoded.properties
 
 
-def make_message(
+def _make_message(
     spec: ConsumerSpec,
     body: bytes | str = b"",
     *,
@@ -200,7 +200,7 @@ async def run_handler(
             message and stop.
     """
     spec = _spec_of(handler, queue, timeout, retry)
-    msg = make_message(
+    msg = _make_message(
         spec,
         body,
         json=json,

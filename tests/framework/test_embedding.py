@@ -391,10 +391,12 @@ def test_orders_from_http_and_from_the_broker_are_handled(harness: Harness, serv
     publish(harness.url, harness.queue, {"id": direct})
     direct_handled = service.wait_for_state(direct, "done")
 
-    metrics = service.client.get("/consumers/metrics").text
-    assert (
-        f'strictconsume_messages_total{{outcome="ack",queue="{harness.queue}"}} 2.0' in metrics
-    ), metrics
+    # The state is "done" before the handler returns; the ack is counted just after.
+    acked = f'strictconsume_messages_total{{outcome="ack",queue="{harness.queue}"}} 2.0'
+    deadline = time.monotonic() + 5
+    while acked not in (metrics := service.client.get("/consumers/metrics").text):
+        assert time.monotonic() < deadline, metrics
+        time.sleep(0.02)
     code, signalled, exited = service.terminate(15)
     log = service.log()
     print(
