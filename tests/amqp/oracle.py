@@ -20,7 +20,7 @@ import anyio.to_thread
 import attrs
 import pika
 
-__all__ = ["Oracle", "OracleMessage", "pika_channel"]
+__all__ = ["Oracle", "OracleMessage", "get_from", "pika_channel"]
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -85,18 +85,23 @@ def _publish(url: str, queue: str, body: bytes, headers: dict[str, Any] | None) 
         ch.basic_publish("", queue, body, pika.BasicProperties(headers=headers), mandatory=True)
 
 
+def get_from(ch: Any, queue: str) -> OracleMessage | None:
+    """basic.get with auto-ack on the pika channel ``ch``: the next message, or None."""
+    method, properties, body = ch.basic_get(queue, auto_ack=True)
+    if method is None:
+        return None
+    return OracleMessage(
+        body=bytes(body),
+        headers=properties.headers,
+        properties=properties,
+        redelivered=bool(method.redelivered),
+        message_count=int(method.message_count),
+    )
+
+
 def _get(url: str, queue: str) -> OracleMessage | None:
     with pika_channel(url) as ch:
-        method, properties, body = ch.basic_get(queue, auto_ack=True)
-        if method is None:
-            return None
-        return OracleMessage(
-            body=bytes(body),
-            headers=properties.headers,
-            properties=properties,
-            redelivered=bool(method.redelivered),
-            message_count=int(method.message_count),
-        )
+        return get_from(ch, queue)
 
 
 @attrs.frozen

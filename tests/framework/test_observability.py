@@ -35,8 +35,7 @@ from strictconsume._settings import resolve_settings
 
 from ..amqp.oracle import Oracle
 from ..conftest import dev_broker, external_broker_url
-
-DEADLINE = 10.0
+from .polling import DEADLINE, wait_until
 
 # -- parsing ----------------------------------------------------------------------------
 
@@ -296,17 +295,6 @@ async def scrape(client: httpx.AsyncClient, url: str) -> dict[str, Any]:
     return families(response.text)
 
 
-async def eventually(check: Any, what: str, within: float = DEADLINE) -> None:
-    try:
-        with anyio.fail_after(within):
-            while True:
-                if await check():
-                    return
-                await anyio.sleep(0.05)
-    except TimeoutError:
-        raise AssertionError(f"not within {within} s: {what}") from None
-
-
 @pytest.mark.broker
 @pytest.mark.anyio
 async def test_metrics_count_every_outcome_over_http(broker_url: str, queue: str) -> None:
@@ -355,7 +343,7 @@ async def test_metrics_count_every_outcome_over_http(broker_url: str, queue: str
                 and found["strictconsume_inflight"][(("queue", queue),)] == 1.0  # block
             )
 
-        await eventually(settled_but_one, "every message but one settled")
+        await wait_until(settled_but_one, what="every message but one settled")
         found = await scrape(client, url)
         assert count(found, "retry") == 1
         assert count(found, "requeue") == 1
@@ -374,7 +362,7 @@ async def test_metrics_count_every_outcome_over_http(broker_url: str, queue: str
                 and found["strictconsume_inflight"][(("queue", queue),)] == 0.0
             )
 
-        await eventually(all_settled, "the blocked message acked")
+        await wait_until(all_settled, what="the blocked message acked")
     assert app.http_url is None
     with pytest.raises(httpx.ConnectError):
         async with httpx.AsyncClient() as client:
@@ -425,7 +413,7 @@ async def test_ready_is_503_while_the_app_cannot_reconnect(
             response = await client.get(f"{url}/health/ready")
             return response.status_code == 503 and response.json()["connected"] is False
 
-        await eventually(unready, "/health/ready answering 503")
+        await wait_until(unready, what="/health/ready answering 503")
         live = await client.get(f"{url}/health/live")
         assert live.status_code == 200  # alive: reconnecting is not a reason to restart
         found = await scrape(client, url)
@@ -438,7 +426,7 @@ async def test_ready_is_503_while_the_app_cannot_reconnect(
         async def ready() -> bool:
             return (await client.get(f"{url}/health/ready")).status_code == 200
 
-        await eventually(ready, "/health/ready answering 200 again", within=40.0)
+        await wait_until(ready, what="/health/ready answering 200 again", within=40.0)
         found = await scrape(client, url)
         assert found["strictconsume_connected"] == {(): 1.0}
         assert found["strictconsume_reconnects_total"] == {(): 1.0}
@@ -481,4 +469,4 @@ async def test_a_cancellation_from_outside_is_logged_and_requeues(
     async def back_in_the_queue() -> bool:
         return await oracle.message_count(queue) == 1
 
-    await eventually(back_in_the_queue, "the message requeued")
+    await wait_until(back_in_the_queue, what="the message requeued")

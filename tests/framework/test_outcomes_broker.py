@@ -16,7 +16,7 @@ import functools
 import logging
 import urllib.parse
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from typing import Any, Literal
 
 import anyio
@@ -30,6 +30,7 @@ from strictconsume.amqp import ChannelClosed, MessageReturned
 
 from ..amqp.oracle import Oracle, OracleMessage, pika_channel
 from ..conftest import dev_broker, external_broker_url
+from .polling import DEADLINE, depths, empty, wait_for_count, wait_until
 
 pytestmark = [pytest.mark.broker, pytest.mark.anyio]
 
@@ -37,8 +38,6 @@ pytestmark = [pytest.mark.broker, pytest.mark.anyio]
 RETRY_MS = (200, 300, 400)
 #: A short grace period, so that a test that fails inside ``app.running()`` ends fast.
 GRACE = 1.0
-#: How long any awaited condition may take before the test fails.
-DEADLINE = 10.0
 
 
 # -- pika helpers beyond the oracle (exchanges, properties, durable declares) -------------
@@ -208,42 +207,6 @@ def names(broker_url: str, oracle: Oracle) -> Iterator[Names]:
 
 
 # -- helpers ----------------------------------------------------------------------------
-
-
-async def wait_until(
-    predicate: Callable[[], Awaitable[bool]], *, within: float = DEADLINE, what: str = ""
-) -> None:
-    """Poll ``predicate`` until it holds; fail after ``within`` seconds."""
-    try:
-        with anyio.fail_after(within):
-            while True:
-                if await predicate():
-                    return
-                await anyio.sleep(0.05)
-    except TimeoutError:
-        raise AssertionError(f"not within {within} s: {what}") from None
-
-
-async def wait_for_count(oracle: Oracle, queue: str, count: int) -> None:
-    async def holds() -> bool:
-        return await oracle.message_count(queue) == count
-
-    await wait_until(holds, what=f"{count} message(s) in {queue!r}")
-
-
-async def depths(oracle: Oracle, queue: str, retry_ms: tuple[int, ...] = ()) -> dict[str, int]:
-    """The ready count of ``queue``, its dead-letter queue and the given retry queues."""
-    result = {
-        queue: await oracle.message_count(queue),
-        f"{queue}.dlq": await oracle.message_count(f"{queue}.dlq"),
-    }
-    for ms in retry_ms:
-        result[f"{queue}.retry.{ms}"] = await oracle.message_count(f"{queue}.retry.{ms}")
-    return result
-
-
-def empty(queue: str, retry_ms: tuple[int, ...] = ()) -> dict[str, int]:
-    return {queue: 0, f"{queue}.dlq": 0, **{f"{queue}.retry.{ms}": 0 for ms in retry_ms}}
 
 
 def dead_lettered(queue: str, retry_ms: tuple[int, ...] = ()) -> dict[str, int]:

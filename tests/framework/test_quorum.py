@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import anyio
@@ -38,6 +38,7 @@ import strictconsume as sc
 
 from ..amqp.oracle import Oracle, OracleMessage, pika_channel
 from ..conftest import dev_broker, external_broker_url
+from .polling import DEADLINE, depths, empty, wait_for_count, wait_until
 
 pytestmark = [pytest.mark.broker, pytest.mark.anyio]
 
@@ -47,8 +48,6 @@ RETRY_MS = (100, 200)
 RETRY = sc.Retry(delays=(0.2,))
 #: A short grace period, so that a test that fails inside ``app.running()`` ends fast.
 GRACE = 1.0
-#: How long any awaited condition may take before the test fails.
-DEADLINE = 10.0
 
 
 # -- pika and rabbitmqctl ----------------------------------------------------------------
@@ -158,42 +157,6 @@ def names(oracle: Oracle) -> Iterator[Names]:
     for queue in made.queues:
         for name in (queue, f"{queue}.dlq", *(f"{queue}.retry.{ms}" for ms in RETRY_MS)):
             oracle.delete_now(name)
-
-
-async def wait_until(
-    predicate: Callable[[], Awaitable[bool]], *, within: float = DEADLINE, what: str = ""
-) -> None:
-    """Poll ``predicate`` until it holds; fail after ``within`` seconds."""
-    try:
-        with anyio.fail_after(within):
-            while True:
-                if await predicate():
-                    return
-                await anyio.sleep(0.05)
-    except TimeoutError:
-        raise AssertionError(f"not within {within} s: {what}") from None
-
-
-async def wait_for_count(oracle: Oracle, queue: str, count: int) -> None:
-    async def holds() -> bool:
-        return await oracle.message_count(queue) == count
-
-    await wait_until(holds, what=f"{count} message(s) in {queue!r}")
-
-
-async def depths(oracle: Oracle, queue: str, retry_ms: tuple[int, ...] = ()) -> dict[str, int]:
-    """The ready count of ``queue``, its dead-letter queue and the given retry queues."""
-    result = {
-        queue: await oracle.message_count(queue),
-        f"{queue}.dlq": await oracle.message_count(f"{queue}.dlq"),
-    }
-    for ms in retry_ms:
-        result[f"{queue}.retry.{ms}"] = await oracle.message_count(f"{queue}.retry.{ms}")
-    return result
-
-
-def empty(queue: str, retry_ms: tuple[int, ...] = ()) -> dict[str, int]:
-    return {queue: 0, f"{queue}.dlq": 0, **{f"{queue}.retry.{ms}": 0 for ms in retry_ms}}
 
 
 def main_arguments(queue: str, delivery_limit: int | None) -> dict[str, Any]:

@@ -37,7 +37,7 @@ import strictconsume as sc
 from strictconsume.amqp import Properties
 from strictconsume.testing import HandlerResult, run_handler, run_handler_sync
 
-from ..amqp.oracle import Oracle, OracleMessage, pika_channel
+from ..amqp.oracle import Oracle, OracleMessage, get_from, pika_channel
 
 if TYPE_CHECKING:
     from pamqp.common import FieldTable
@@ -805,19 +805,9 @@ def _publish(url: str, queue: str, messages: list[tuple[bytes, str, FieldTable |
 def _get_all(url: str, queue: str) -> list[OracleMessage]:
     got: list[OracleMessage] = []
     with pika_channel(url) as ch:
-        while True:
-            method, properties, body = ch.basic_get(queue, auto_ack=True)
-            if method is None:
-                return got
-            got.append(
-                OracleMessage(
-                    body=bytes(body),
-                    headers=properties.headers,
-                    properties=properties,
-                    redelivered=bool(method.redelivered),
-                    message_count=int(method.message_count),
-                )
-            )
+        while (message := get_from(ch, queue)) is not None:
+            got.append(message)
+    return got
 
 
 @attrs.frozen
