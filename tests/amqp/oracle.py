@@ -99,6 +99,21 @@ def get_from(ch: Any, queue: str) -> OracleMessage | None:
     )
 
 
+def _declare_durable(url: str, queue: str, arguments: dict[str, Any] | None) -> None:
+    with pika_channel(url) as ch:
+        ch.queue_declare(queue, durable=True, arguments=arguments)
+
+
+def _has_arguments(url: str, queue: str, arguments: dict[str, Any]) -> bool:
+    try:
+        _declare_durable(url, queue, arguments)
+    except pika.exceptions.ChannelClosedByBroker as exc:
+        if exc.reply_code == 406:
+            return False
+        raise
+    return True
+
+
 def _get(url: str, queue: str) -> OracleMessage | None:
     with pika_channel(url) as ch:
         return get_from(ch, queue)
@@ -125,6 +140,15 @@ class Oracle:
 
     async def declare(self, queue: str, *, arguments: dict[str, Any] | None = None) -> None:
         await self._run(_declare, self.url, queue, arguments)
+
+    async def declare_durable(self, queue: str, arguments: dict[str, Any] | None) -> None:
+        await self._run(_declare_durable, self.url, queue, arguments)
+
+    async def has_arguments(self, queue: str, arguments: dict[str, Any]) -> bool:
+        """Whether the existing durable ``queue`` was declared with exactly
+        ``arguments``: the broker accepts a redeclaration only when it is equivalent
+        (else 406)."""
+        return await self._run(_has_arguments, self.url, queue, arguments)
 
     async def delete(self, queue: str) -> None:
         await self._run(_delete, self.url, queue)

@@ -65,23 +65,6 @@ def _publish(
             ch.basic_publish(exchange, routing_key, body, properties, mandatory=True)
 
 
-def _declare_durable(url: str, queue: str, arguments: dict[str, Any] | None) -> None:
-    with pika_channel(url) as ch:
-        ch.queue_declare(queue, durable=True, arguments=arguments)
-
-
-def _has_arguments(url: str, queue: str, arguments: dict[str, Any]) -> bool:
-    """Whether the existing durable ``queue`` was declared with exactly ``arguments``:
-    the broker accepts a redeclaration only when it is equivalent (else 406)."""
-    try:
-        _declare_durable(url, queue, arguments)
-    except pika.exceptions.ChannelClosedByBroker as exc:
-        if exc.reply_code == 406:
-            return False
-        raise
-    return True
-
-
 def _delete_exchange(url: str, exchange: str) -> None:
     with pika_channel(url) as ch:
         ch.exchange_delete(exchange)
@@ -131,10 +114,10 @@ class Pika:
         )
 
     async def declare_durable(self, queue: str, arguments: dict[str, Any] | None) -> None:
-        await anyio.to_thread.run_sync(_declare_durable, self.url, queue, arguments)
+        await Oracle(self.url).declare_durable(queue, arguments)
 
     async def has_arguments(self, queue: str, arguments: dict[str, Any]) -> bool:
-        return await anyio.to_thread.run_sync(_has_arguments, self.url, queue, arguments)
+        return await Oracle(self.url).has_arguments(queue, arguments)
 
 
 # -- rabbitmqctl: ready and unacked counts --------------------------------------------------

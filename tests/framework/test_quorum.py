@@ -31,12 +31,11 @@ from typing import Any
 import anyio
 import anyio.to_thread
 import attrs
-import pika
 import pytest
 
 import strictconsume as sc
 
-from ..amqp.oracle import Oracle, OracleMessage, pika_channel
+from ..amqp.oracle import Oracle, OracleMessage
 from ..conftest import dev_broker, external_broker_url
 from .polling import DEADLINE, depths, empty, wait_for_count, wait_until
 
@@ -51,27 +50,6 @@ GRACE = 1.0
 
 
 # -- pika and rabbitmqctl ----------------------------------------------------------------
-
-
-def _declare_durable(url: str, queue: str, arguments: dict[str, Any] | None) -> None:
-    with pika_channel(url) as ch:
-        ch.queue_declare(queue, durable=True, arguments=arguments)
-
-
-def _has_arguments(url: str, queue: str, arguments: dict[str, Any]) -> bool:
-    """Whether the existing durable ``queue`` was declared with exactly ``arguments``:
-    the broker accepts a redeclaration only when it is equivalent (else 406)."""
-    try:
-        _declare_durable(url, queue, arguments)
-    except pika.exceptions.ChannelClosedByBroker as exc:
-        if exc.reply_code == 406:
-            return False
-        raise
-    return True
-
-
-async def has_arguments(url: str, queue: str, arguments: dict[str, Any]) -> bool:
-    return await anyio.to_thread.run_sync(_has_arguments, url, queue, arguments)
 
 
 @attrs.frozen
@@ -213,15 +191,15 @@ async def test_delivery_limit_arguments_are_declared(broker_url: str, names: Nam
     }
     async with app.running():
         for queue, arguments in expected.items():
-            assert await has_arguments(broker_url, queue, arguments), queue
+            assert await Oracle(broker_url).has_arguments(queue, arguments), queue
             # the limit is checked on redeclare: another one, or none, is refused
             other = {**arguments, "x-delivery-limit": arguments.get("x-delivery-limit", 0) + 1}
-            assert not await has_arguments(broker_url, queue, other), queue
+            assert not await Oracle(broker_url).has_arguments(queue, other), queue
             if "x-delivery-limit" in arguments:
                 without = {k: v for k, v in arguments.items() if k != "x-delivery-limit"}
-                assert not await has_arguments(broker_url, queue, without), queue
+                assert not await Oracle(broker_url).has_arguments(queue, without), queue
             # the dead-letter queue is a plain classic queue
-            assert await has_arguments(broker_url, f"{queue}.dlq", {}), queue
+            assert await Oracle(broker_url).has_arguments(f"{queue}.dlq", {}), queue
             seen = await ctl_queue(queue)
             if seen is not None:
                 assert seen.type == "quorum"
@@ -253,7 +231,7 @@ async def test_existing_quorum_queue_without_a_limit_needs_delivery_limit_0(
     """A quorum queue declared without ``x-delivery-limit`` (by an older version, or
     by hand) is a start-up error with the default limit; ``delivery_limit=0`` fits it."""
     queue = names.queue()
-    await anyio.to_thread.run_sync(_declare_durable, broker_url, queue, main_arguments(queue, None))
+    await Oracle(broker_url).declare_durable(queue, main_arguments(queue, None))
 
     async def handle(msg: sc.Message) -> None:
         raise AssertionError("nothing is published")
@@ -265,7 +243,7 @@ async def test_existing_quorum_queue_without_a_limit_needs_delivery_limit_0(
             pytest.fail("started against a queue without x-delivery-limit")
     assert queue in str(info.value), str(info.value)
     assert "x-delivery-limit" in str(info.value), str(info.value)
-    assert await has_arguments(broker_url, queue, main_arguments(queue, None))
+    assert await Oracle(broker_url).has_arguments(queue, main_arguments(queue, None))
 
     app = sc.App(url=broker_url, grace_period=GRACE)
     app.consumer(queue, queue_type="quorum", delivery_limit=0, retry=RETRY, timeout=5.0)(handle)
