@@ -84,7 +84,6 @@ class App:
         self._random = random_module.Random()
         self._grace_period: float | None = None
         self._fatal_error: BaseException | None = None
-        self._running = False
         self._http_url: str | None = None
         #: What ``/metrics`` shows; kept across runs of the App.
         self.metrics = Metrics(connected=lambda: self.connected, inflight=self._inflight)
@@ -179,7 +178,7 @@ class App:
     def is_running(self) -> bool:
         """True from the start of :meth:`running` (or :meth:`run`) to its end,
         reconnects and the shutdown's grace period included."""
-        return self._running
+        return self._supervisor is not None
 
     @property
     def subscriptions(self) -> dict[str, bool]:
@@ -290,7 +289,6 @@ class App:
         self._supervisor = supervisor
         self._grace_period = settings.grace_period
         self._publishing.start()
-        self._running = True
         startup_error: BaseException | None = None
         body_error: BaseException | None = None
         try:
@@ -321,7 +319,6 @@ class App:
             self._publishing.stop()
             self._supervisor = None
             self._shutdown = None
-            self._running = False
             self._http_url = None
         if startup_error is None:
             self._log_stopped(counted_before)

@@ -212,8 +212,11 @@ class _ChannelState:
                 logger.debug("nack of %d not sent: %s", delivery_tag, exc)
 
 
-async def call_handler(spec: ConsumerSpec, msg: Message) -> Exception | None:
-    """Run ``spec``'s handler on ``msg`` within its timeout.
+async def call_handler(
+    spec: ConsumerSpec, msg: Message, *, started: float | None = None
+) -> Exception | None:
+    """Run ``spec``'s handler on ``msg`` within its timeout, counted from ``started``
+    (``anyio.current_time()``; default: now).
 
     Returns the exception the handler raised (a :class:`TimeoutError` when it ran out
     of time), or None when it returned. A cancellation from outside, and exceptions
@@ -224,7 +227,7 @@ async def call_handler(spec: ConsumerSpec, msg: Message) -> Exception | None:
             await spec.handler(msg)
             return None
         with anyio.CancelScope() as scope:
-            scope.deadline = anyio.current_time() + spec.timeout
+            scope.deadline = (anyio.current_time() if started is None else started) + spec.timeout
             await spec.handler(msg)
     except Exception as exc:
         return exc
@@ -477,7 +480,7 @@ class Dispatcher:
         error: BaseException | None = None
         try:
             try:
-                error = await call_handler(spec, msg)
+                error = await call_handler(spec, msg, started=started)
             except anyio.get_cancelled_exc_class():
                 # shutdown after the grace period, or the channel/connection is gone
                 await state.requeue(delivery.delivery_tag)

@@ -245,9 +245,11 @@ class HttpServer:
         the URL. On exit, connections get up to a second to finish."""
         from hypercorn.config import Config
 
-        url = self.url if self.url is not None and self._socket is not None else self.bind()
-        sock = self._socket
+        if self._socket is None:
+            self.bind()
+        sock, url = self._socket, self.url
         assert sock is not None
+        assert url is not None
         try:
             config = Config()
             # hypercorn owns (and closes) a duplicate; ours is closed on the way out.
