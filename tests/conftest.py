@@ -12,12 +12,19 @@ start is a no-op, so running pytest directly works too).
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from .processes import Harness, Node
 
 REPO = Path(__file__).resolve().parent.parent
 DEV_BROKER = REPO / "scripts" / "dev-broker"
@@ -81,3 +88,31 @@ def broker_ctl() -> None:
     """Skip the test when the broker is not ours to administer with rabbitmqctl."""
     if external_broker_url() is not None:
         pytest.skip("needs `scripts/dev-broker ctl`; the broker comes from STRICTCONSUME_URL")
+
+
+@pytest.fixture
+def harness(broker_url: str, tmp_path: Path) -> Iterator[Harness]:
+    """A unique queue on the session's broker and the consumer processes of one test."""
+    from .processes import Harness
+
+    h = Harness(broker_url, f"test-process-{uuid.uuid4().hex}", tmp_path)
+    try:
+        yield h
+    finally:
+        h.close()
+
+
+@pytest.fixture
+def own_node() -> Iterator[Node]:
+    """A private node of our own, to close connections on and restart; always stopped."""
+    from .processes import Node
+
+    if external_broker_url() is not None:
+        pytest.skip("restarts a private node; the broker comes from STRICTCONSUME_URL")
+    node = Node(f"proc{uuid.uuid4().hex[:8]}", free_node_port())
+    try:
+        dev_broker(*node.args, "start")
+        yield node
+    finally:
+        dev_broker(*node.args, "stop", check=False)
+        shutil.rmtree(REPO / ".broker" / node.name, ignore_errors=True)

@@ -56,6 +56,7 @@ from strictconsume._retry import dead_letter_queue_name, retry_queue_name
 
 from ..amqp.oracle import pika_channel
 from ..conftest import REPO
+from ..processes import url_with
 
 pytestmark = pytest.mark.broker
 
@@ -478,7 +479,7 @@ def test_an_unconfirmed_publish_is_a_503_and_may_still_be_queued(
     reached the broker all the same."""
     proxy = PausableProxy(harness.url)
     try:
-        service = harness.start(server, url=_with(harness.url, port=proxy.port))
+        service = harness.start(server, url=url_with(harness.url, port=proxy.port))
         service.wait_serving()
         order = f"held-{uuid.uuid4().hex[:8]}"
         proxy.pause()
@@ -505,15 +506,6 @@ def test_an_unconfirmed_publish_is_a_503_and_may_still_be_queued(
     assert "Traceback" not in log, log
 
 
-def _with(url: str, *, password: str | None = None, port: int | None = None) -> str:
-    """``url`` with another password, or with 127.0.0.1:``port`` as its address."""
-    parts = urllib.parse.urlsplit(url)
-    secret = parts.password if password is None else password
-    host, port = (parts.hostname, parts.port or 5672) if port is None else ("127.0.0.1", port)
-    netloc = f"{parts.username or 'guest'}:{secret}@{host}:{port}"
-    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", ""))
-
-
 @pytest.mark.parametrize(
     "server",
     [
@@ -534,7 +526,7 @@ def test_a_refused_login_stops_the_server(harness: Harness, server: Server) -> N
     without its consumers: it exits, with an exit code that says so."""
     secret = f"wrong-{uuid.uuid4().hex}"
     began = time.monotonic()
-    service = harness.start(server, url=_with(harness.url, password=secret))
+    service = harness.start(server, url=url_with(harness.url, password=secret))
     try:
         code = service.proc.wait(timeout=20)
     except subprocess.TimeoutExpired:
