@@ -78,9 +78,9 @@ class AckTracker:
         return len(self._window) - len(self._settled)
 
     @property
-    def pending(self) -> bool:
-        """True when :meth:`flush` has acks to return."""
-        return bool(self._finished)
+    def pending(self) -> int:
+        """How many finished tags :meth:`flush` would ack (true when it has acks)."""
+        return len(self._finished)
 
     def flush(self) -> list[Ack]:
         """The acks that settle every finished tag, coalesced where possible."""

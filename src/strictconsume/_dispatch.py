@@ -39,6 +39,7 @@ from ._message import (
     ORIGINAL_ROUTING_KEY_HEADER,
     Message,
 )
+from ._native import HandlerGroup, Native
 from ._outcome import Outcome, OutcomeKind, decide, error_type
 from ._retry import dead_letter_queue_name, retry_queue_arguments, retry_queue_name
 from ._topology import TopologyError, declare_consumer
@@ -53,7 +54,7 @@ if TYPE_CHECKING:
     from ._publisher import PublishChannel
     from .amqp import Channel, Connection, Delivery
 
-__all__ = ["SETTLE_TIMEOUT", "Dispatcher", "Shutdown"]
+__all__ = ["ACK_DELAY", "SETTLE_TIMEOUT", "Dispatcher", "Shutdown", "ack_batch"]
 
 logger = logging.getLogger("strictconsume")
 
@@ -64,7 +65,24 @@ SETTLE_TIMEOUT = 10.0
 #: so that a broker refusing every copy does not turn into a busy redelivery loop.
 SETTLE_FAILURE_PAUSE = 1.0
 
+#: Seconds a finished message may wait for others to share its ack (design section 4).
+ACK_DELAY = 0.002
+
 OutcomeHook = Callable[[str, OutcomeKind, float], None]
+
+
+def ack_batch(prefetch: int) -> int:
+    """How many finished messages are acked at once without waiting for
+    :data:`ACK_DELAY`: an eighth of the prefetch window (1 below a prefetch of 16).
+
+    Acking each message as it finishes makes the broker refill the window one or two
+    messages at a time, and the consumer spends its time on small reads and writes
+    (0.7 ack frames per message at prefetch 100); a batch lets the broker send a
+    burst. An eighth keeps the window at least 7/8 full while a batch gathers. Below
+    a prefetch of 16 the window is too small to hold messages back: what finished in
+    one scheduler round is acked at the end of it.
+    """
+    return max(1, prefetch // 8)
 
 
 @attrs.define(eq=False)
@@ -128,13 +146,15 @@ class Shutdown:
 class _ChannelState:
     """What one dispatcher tracks for one channel."""
 
-    def __init__(self, ch: Channel, concurrency: int | None) -> None:
+    def __init__(self, ch: Channel, prefetch: int, concurrency: int | None) -> None:
         self.ch = ch
         self.tracker = AckTracker()
+        self.ack_batch = ack_batch(prefetch)
         self.inflight = 0
         self.idle = anyio.Event()
         self.idle.set()
         self.ack_wanted = anyio.Event()
+        self.batch_full = anyio.Event()
         self.flushing = False
         #: Set when the handlers are being cancelled (grace over, channel lost): a
         #: handler that swallows the cancellation and returns is requeued, not acked.
@@ -154,18 +174,28 @@ class _ChannelState:
             self.idle.set()
 
     async def acker(self) -> None:
+        """Flush once the handlers that finished in a scheduler round have all run: at
+        once for a batch of :attr:`ack_batch` or more, else up to :data:`ACK_DELAY`
+        later, unless a batch fills meanwhile (design section 4)."""
         while True:
             await self.ack_wanted.wait()
             self.ack_wanted = anyio.Event()
+            if self.tracker.pending < self.ack_batch:
+                self.batch_full = anyio.Event()
+                with anyio.move_on_after(ACK_DELAY):
+                    await self.batch_full.wait()
             await self.flush()
 
     async def acked(self, delivery_tag: int) -> None:
         """The message of ``delivery_tag`` is done: ack it, coalesced with others."""
-        self.tracker.finished(delivery_tag)
-        if self.inflight == 1:
+        tracker = self.tracker
+        tracker.finished(delivery_tag)
+        if self.ack_batch == 1 and self.inflight == 1:
             await self.flush()  # nothing else running: no batch to wait for
-        else:
-            self.ack_wanted.set()  # the acker flushes once this batch of handlers ran
+            return
+        self.ack_wanted.set()
+        if tracker.pending >= self.ack_batch:
+            self.batch_full.set()
 
     async def flush(self) -> None:
         """Send the acks the tracker has ready, in order.
@@ -213,10 +243,11 @@ class _ChannelState:
 
 
 async def call_handler(
-    spec: ConsumerSpec, msg: Message, *, started: float | None = None
+    spec: ConsumerSpec, msg: Message, *, started: float | None = None, native: Native | None = None
 ) -> Exception | None:
     """Run ``spec``'s handler on ``msg`` within its timeout, counted from ``started``
-    (``anyio.current_time()``; default: now).
+    (``anyio.current_time()``; default: now). ``native``: the running loop's
+    primitives, when the caller has them already.
 
     Returns the exception the handler raised (a :class:`TimeoutError` when it ran out
     of time), or None when it returned. A cancellation from outside, and exceptions
@@ -226,8 +257,10 @@ async def call_handler(
         if spec.timeout is None:
             await spec.handler(msg)
             return None
-        with anyio.CancelScope() as scope:
-            scope.deadline = (anyio.current_time() if started is None else started) + spec.timeout
+        native = native or Native()
+        if started is None:
+            started = native.current_time()
+        with native.cancel_scope(deadline=started + spec.timeout) as scope:
             await spec.handler(msg)
     except Exception as exc:
         return exc
@@ -319,6 +352,8 @@ class Dispatcher:
         self._random = random
         self._backoff = backoff
         self._state: _ChannelState | None = None
+        #: The running loop's primitives; set when a channel is served.
+        self._native: Native
 
     @property
     def inflight(self) -> int:
@@ -399,10 +434,11 @@ class Dispatcher:
 
     async def _serve(self, ch: Channel, subscribed: Callable[[], None]) -> AMQPError | None:
         """Consume on ``ch`` until a shutdown (returns None) or an error (returned)."""
-        state = self._state = _ChannelState(ch, self.spec.concurrency)
+        state = self._state = _ChannelState(ch, self.prefetch, self.spec.concurrency)
+        native = self._native = Native()
         error: AMQPError | None = None
         try:
-            async with anyio.create_task_group() as handlers:
+            async with native.task_group() as handlers:
                 handlers.start_soon(state.acker)
                 intake = self.shutdown.intake_scope()
                 try:
@@ -418,13 +454,13 @@ class Dispatcher:
                 if error is None and state.inflight:
                     await self._grace(state)
                 state.cancelling = True
-                handlers.cancel_scope.cancel()
+                handlers.cancel()
         finally:
             await state.flush()
         return error
 
     async def _start(
-        self, state: _ChannelState, handlers: anyio.abc.TaskGroup, delivery: Delivery
+        self, state: _ChannelState, handlers: HandlerGroup, delivery: Delivery
     ) -> None:
         state.tracker.received(delivery.delivery_tag)
         if state.limit is not None:
@@ -476,11 +512,12 @@ class Dispatcher:
             self._on_outcome(self.queue, OutcomeKind.DEAD_LETTER, 0.0)
             state.ended()
             return
-        started = anyio.current_time()
+        native = self._native
+        started = native.current_time()
         error: BaseException | None = None
         try:
             try:
-                error = await call_handler(spec, msg, started=started)
+                error = await call_handler(spec, msg, started=started, native=native)
             except anyio.get_cancelled_exc_class():
                 # shutdown after the grace period, or the channel/connection is gone
                 await state.requeue(delivery.delivery_tag)
@@ -577,7 +614,7 @@ class Dispatcher:
     def _record(
         self, msg: Message, outcome: Outcome, started: float, error: BaseException | None
     ) -> None:
-        duration = anyio.current_time() - started
+        duration = self._native.current_time() - started
         self._on_outcome(self.queue, outcome.kind, duration)
         if outcome.kind is OutcomeKind.ACK or outcome.kind is OutcomeKind.CANCELLED:
             return

@@ -33,7 +33,7 @@ from strictconsume import (
     StartupError,
 )
 from strictconsume._backoff import DEFAULT_BACKOFF
-from strictconsume._dispatch import Shutdown
+from strictconsume._dispatch import ACK_DELAY, Shutdown, ack_batch
 from strictconsume._outcome import OutcomeKind
 from strictconsume._publisher import PublishChannelSlot
 from strictconsume._retry import dead_letter_queue_name, retry_queue_arguments, retry_queue_name
@@ -335,6 +335,57 @@ async def test_slow_head_does_not_hold_back_the_others(anyio_backend: Any) -> No
         async with anyio.create_task_group() as tg:
             await make_supervisor(Connector(tg, [script]), [spec], shutdown=shutdown).run()
     assert running_when_acked == [{1, 3, 4, 5}, {1, 4, 5}, {1, 5}, {1}]
+
+
+@autojump()
+async def test_at_prefetch_100_acks_go_out_per_batch_of_an_eighth_or_after_the_delay(
+    anyio_backend: Any,
+) -> None:
+    """Prefetch 100 acks in batches of 12 (an eighth). 20 handlers that finish in one
+    scheduler round (in the shuffled order trio runs them) are acked by one
+    multiple-ack at once, without waiting for the delay; a lone message is acked
+    ACK_DELAY after it finished, not sooner."""
+    assert ack_batch(100) == 12
+    gates = Gates(range(1, 22))
+    gates.expected = 20
+    shutdown = Shutdown()
+    seen: list[tuple[float, list[tuple[int, bool]]]] = []
+
+    async def script(broker: FakeBroker) -> None:
+        [tag] = await serve_startup(broker, [spec], prefetch=100)
+        for delivery_tag in range(1, 21):
+            await broker.deliver(FIRST_CONSUMER_CHANNEL, tag, delivery_tag, b"m")
+        await gates.all_running.wait()
+        released = anyio.current_time()
+        for delivery_tag in range(1, 21):
+            gates.open[delivery_tag].set()
+        frame = await broker.expect(commands.Basic.Ack, FIRST_CONSUMER_CHANNEL)
+        seen.append((anyio.current_time() - released, acks_of([frame])))
+        await broker.deliver(FIRST_CONSUMER_CHANNEL, tag, 21, b"m")
+        await lone_running.wait()
+        released = anyio.current_time()
+        gates.open[21].set()
+        frame = await broker.expect(commands.Basic.Ack, FIRST_CONSUMER_CHANNEL)
+        seen.append((anyio.current_time() - released, acks_of([frame])))
+        shutdown.request(5.0)
+        assert await serve_until_closed(broker) == CLEAN_SHUTDOWN
+
+    lone_running = anyio.Event()
+
+    async def handler(msg: Message) -> None:
+        if msg.delivery_tag == 21:
+            lone_running.set()
+        await gates.handler(msg)
+
+    spec = spec_for(handler)
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            connector = Connector(tg, [script])
+            await make_supervisor(connector, [spec], prefetch=100, shutdown=shutdown).run()
+    *batch, lone = seen
+    assert batch == [(0.0, [(20, True)])]
+    assert lone[0] == pytest.approx(ACK_DELAY)
+    assert lone[1] == [(21, False)]
 
 
 # -- 2. failures: timeout, reject, requeue -----------------------------------------------------

@@ -463,7 +463,7 @@ def check_acks_against_the_broker(delivered: range, sent: list[tuple[int, bool]]
 
 async def test_a_second_flush_never_sends_acks_out_of_order(anyio_backend: Any) -> None:
     ch = BlockingAckChannel()
-    state = _ChannelState(cast("Channel", ch), None)
+    state = _ChannelState(cast("Channel", ch), prefetch=8, concurrency=None)
     for tag in range(1, 9):
         state.tracker.received(tag)
     for tag in (1, 2, 3, 4, 6, 7):

@@ -62,7 +62,7 @@ async def _handler(msg: Message) -> None:
 # -- 1. the ack tracker: exact frames --------------------------------------------------
 
 
-def pending(tracker: AckTracker) -> bool:
+def pending(tracker: AckTracker) -> int:
     """``tracker.pending``, read through a call so that mypy does not narrow it."""
     return tracker.pending
 
