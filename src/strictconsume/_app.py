@@ -17,7 +17,7 @@ import anyio
 from ._consumer import SPEC_ATTRIBUTE, Binding, ConsumerSpec, QueueType, consumer
 from ._dispatch import Shutdown
 from ._metrics import Metrics
-from ._outcome import OutcomeKind
+from ._outcome import OutcomeKind, sole_exception
 from ._publisher import PublishChannelSlot, Publisher, own_connection_publisher
 from ._settings import Settings, resolve_settings
 from ._supervisor import StartupError, Supervisor
@@ -218,7 +218,8 @@ class App:
         """A handler raised SystemExit, KeyboardInterrupt or another BaseException: stop
         gracefully, then :meth:`run` raises it."""
         if self._fatal_error is None:
-            self._fatal_error = exc
+            # sys.exit(3) in a task group of the handler's is a group of one SystemExit
+            self._fatal_error = sole_exception(exc)
         if self._shutdown is not None and not self._shutdown.requested:
             self.stop()
 
@@ -274,6 +275,7 @@ class App:
         self.metrics.add_queues(spec.queue for spec in self._specs)
         counted_before = Counter(self.metrics.messages)
         shutdown = self._shutdown if self._shutdown is not None else Shutdown()
+        shutdown.grace_period = settings.grace_period
         self._shutdown = shutdown
         supervisor = Supervisor(
             self._specs,

@@ -20,6 +20,7 @@ has a new tracker and the old one's handlers are cancelled before it closes.
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import logging
 import math
@@ -41,9 +42,9 @@ from ._message import (
 )
 from ._native import HandlerGroup, Native
 from ._outcome import Outcome, OutcomeKind, decide, error_type
-from ._retry import dead_letter_queue_name, retry_queue_arguments, retry_queue_name
-from ._topology import TopologyError, declare_consumer
-from .amqp import AMQPError, ChannelClosed, MessageReturned, Properties
+from ._retry import dead_letter_queue_name, retry_queue_name
+from ._topology import TopologyError, dead_letter_arguments, declare_consumer, retry_arguments
+from .amqp import AMQPError, ChannelClosed, ConsumerCancelled, MessageReturned, Properties
 
 if TYPE_CHECKING:
     import random as random_module
@@ -93,6 +94,8 @@ class Shutdown:
     request (:meth:`force`) ends the grace period at once.
     """
 
+    #: Seconds handlers get to finish when intake stops (the App's setting).
+    grace_period: float = 30.0
     requested: bool = False
     forced: bool = False
     #: When the grace period ends (anyio.current_time() clock); inf before a request.
@@ -141,6 +144,10 @@ class Shutdown:
     def discard(self, scope: anyio.CancelScope) -> None:
         self._intakes.discard(scope)
         self._graces.discard(scope)
+
+
+class _Unreadable(Exception):
+    """A delivery the client could not decode (see ``Delivery.properties_error``)."""
 
 
 class _ChannelState:
@@ -264,6 +271,19 @@ async def call_handler(
             await spec.handler(msg)
     except Exception as exc:
         return exc
+    except asyncio.CancelledError as exc:
+        # On asyncio a handler can raise CancelledError of its own accord: it awaited
+        # a future or task that something else cancelled. Only a request to cancel
+        # this task is a cancellation; anything else is the handler failing.
+        task = asyncio.current_task()
+        if task is None or task.cancelling():
+            raise
+        error = RuntimeError(
+            "the handler raised asyncio.CancelledError while nothing was cancelling it "
+            "(it awaited a future or task that was cancelled elsewhere)"
+        )
+        error.__cause__ = exc
+        return error
     # cancel_called, not cancelled_caught: a handler that swallowed the cancellation
     # and returned still ran out of time.
     if scope.cancel_called:
@@ -453,6 +473,8 @@ class Dispatcher:
                     self.shutdown.discard(intake)
                 if error is None and state.inflight:
                     await self._grace(state)
+                elif isinstance(error, ConsumerCancelled) and ch.is_open and state.inflight:
+                    await self._let_finish(state)
                 state.cancelling = True
                 handlers.cancel()
         finally:
@@ -496,17 +518,53 @@ class Dispatcher:
                 extra={"event": "grace_over", "queue": self.queue},
             )
 
+    async def _let_finish(self, state: _ChannelState) -> None:
+        """After a broker-sent cancel (queue deleted, node gone) the channel still
+        works: the handlers running get the grace period to finish and be acked
+        before the consumer subscribes again (a shutdown meanwhile may end it)."""
+        grace = self.shutdown.grace_period
+        logger.info(
+            "queue %r: waiting up to %.1f s for %d handler(s) still running before "
+            "subscribing again",
+            self.queue,
+            grace,
+            state.inflight,
+            extra={"event": "draining", "queue": self.queue},
+        )
+        scope = self.shutdown.grace_scope()
+        scope.deadline = min(scope.deadline, anyio.current_time() + grace)
+        try:
+            with scope:
+                await state.idle.wait()
+        finally:
+            self.shutdown.discard(scope)
+
     # -- one delivery -------------------------------------------------------------------
 
     async def _handle(self, state: _ChannelState, delivery: Delivery) -> None:
         spec = self.spec
         try:
+            if delivery.properties_error is not None:
+                raise _Unreadable(delivery.properties_error)
             msg = Message.from_delivery(
                 delivery, spec.queue, delivery_count=spec.queue_type == "quorum"
             )
-        except Exception:  # never expected; the broker dead-letters it to the .dlq
-            logger.exception(
-                "queue %r: delivery %d is unreadable", self.queue, delivery.delivery_tag
+        except Exception as exc:  # the broker dead-letters it to the .dlq, as it is
+            logger.error(
+                "queue %r: delivery %d is unreadable: %s; it is rejected, so the broker "
+                "dead-letters it to %r with its properties as they are",
+                self.queue,
+                delivery.delivery_tag,
+                exc,
+                dead_letter_queue_name(self.queue),
+                exc_info=not isinstance(exc, _Unreadable),  # else never expected
+                extra={
+                    "event": "message_failed",
+                    "queue": self.queue,
+                    "delivery_tag": delivery.delivery_tag,
+                    "outcome": OutcomeKind.DEAD_LETTER.value,
+                    "error": str(exc),
+                },
             )
             await state.reject(delivery.delivery_tag)
             self._on_outcome(self.queue, OutcomeKind.DEAD_LETTER, 0.0)
@@ -573,8 +631,22 @@ class Dispatcher:
                     "retry" if kind is OutcomeKind.RETRY else "dead-letter",
                     exc,
                 )
+            except ValueError as exc:  # the copy cannot be encoded: no retry will help
+                logger.error(
+                    "queue %r: message %r (delivery_tag %d) cannot be copied: %s; it is "
+                    "rejected, so the broker dead-letters it as it is (without x-error "
+                    "headers)",
+                    self.queue,
+                    msg.message_id,
+                    tag,
+                    exc,
+                )
+                await state.reject(tag)
+                return Outcome(OutcomeKind.DEAD_LETTER, error_type=error_type(exc))
         if not published:
-            await anyio.sleep(SETTLE_FAILURE_PAUSE)
+            if state.ch.is_open:  # a live broker refused the copy: do not spin on it
+                await anyio.sleep(SETTLE_FAILURE_PAUSE)
+            # (on a closed channel the broker requeues it itself; nothing to wait for)
             await state.requeue(tag)
             return Outcome(OutcomeKind.REQUEUE, error_type=outcome.error_type)
         await state.acked(tag)
@@ -585,7 +657,7 @@ class Dispatcher:
         await self._publish_copy(
             msg,
             retry_queue_name(self.queue, outcome.delay),
-            retry_queue_arguments(self.queue, outcome.delay),
+            retry_arguments(self.spec, outcome.delay),
             retry_headers(msg),
         )
 
@@ -608,7 +680,10 @@ class Dispatcher:
 
     async def _publish_dead_letter(self, msg: Message, outcome: Outcome) -> None:
         await self._publish_copy(
-            msg, dead_letter_queue_name(self.queue), None, dead_letter_headers(msg, outcome)
+            msg,
+            dead_letter_queue_name(self.queue),
+            dead_letter_arguments(self.spec),
+            dead_letter_headers(msg, outcome),
         )
 
     def _record(

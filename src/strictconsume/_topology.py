@@ -25,7 +25,13 @@ if TYPE_CHECKING:
     from ._consumer import ConsumerSpec
     from .amqp import Channel
 
-__all__ = ["TopologyError", "declare_consumer", "queue_arguments"]
+__all__ = [
+    "TopologyError",
+    "dead_letter_arguments",
+    "declare_consumer",
+    "queue_arguments",
+    "retry_arguments",
+]
 
 
 class TopologyError(Exception):
@@ -63,6 +69,33 @@ def queue_arguments(spec: ConsumerSpec) -> FieldTable:
     return arguments
 
 
+#: What a quorum consumer's retry and dead-letter queues add to their arguments. They
+#: are quorum queues too: a classic queue lives on one node, and with that node down
+#: the consumer could not declare it again on another, so it could not fail over. A
+#: retry queue hands its messages back with at-least-once dead-lettering (RabbitMQ
+#: 3.10+, which needs ``x-overflow=reject-publish``): the broker keeps a message until
+#: the main queue has confirmed it, so an expiring retry is never dropped on the way.
+QUORUM_DEAD_LETTER_ARGUMENTS: FieldTable = {"x-queue-type": "quorum"}
+QUORUM_RETRY_ARGUMENTS: FieldTable = {
+    "x-queue-type": "quorum",
+    "x-dead-letter-strategy": "at-least-once",
+    "x-overflow": "reject-publish",
+}
+
+
+def dead_letter_arguments(spec: ConsumerSpec) -> FieldTable | None:
+    """The arguments of the consumer's dead-letter queue (None: a plain queue)."""
+    return dict(QUORUM_DEAD_LETTER_ARGUMENTS) if spec.queue_type == "quorum" else None
+
+
+def retry_arguments(spec: ConsumerSpec, delay: float) -> FieldTable:
+    """The arguments of the consumer's retry queue for ``delay`` seconds."""
+    arguments = dict(retry_queue_arguments(spec.queue, delay))
+    if spec.queue_type == "quorum":
+        arguments.update(QUORUM_RETRY_ARGUMENTS)
+    return arguments
+
+
 async def declare_consumer(ch: Channel, spec: ConsumerSpec) -> None:
     """Declare everything ``spec`` consumes from, in an order where each piece exists
     before something refers to it. On error the channel is closed by the broker.
@@ -73,13 +106,15 @@ async def declare_consumer(ch: Channel, spec: ConsumerSpec) -> None:
     queue = spec.queue
     what = f"the dead-letter queue {dead_letter_queue_name(queue)!r}"
     try:
-        await ch.queue_declare(dead_letter_queue_name(queue), durable=spec.durable)
+        dlq_arguments = dead_letter_arguments(spec)
+        await ch.queue_declare(
+            dead_letter_queue_name(queue), durable=spec.durable, arguments=dlq_arguments
+        )
         for delay in sorted(set(spec.retry.delays)):
             name = retry_queue_name(queue, delay)
             what = f"the retry queue {name!r}"
-            await ch.queue_declare(
-                name, durable=spec.durable, arguments=retry_queue_arguments(queue, delay)
-            )
+            arguments = retry_arguments(spec, delay)
+            await ch.queue_declare(name, durable=spec.durable, arguments=arguments)
         what = f"queue {queue!r}"
         await ch.queue_declare(queue, durable=spec.durable, arguments=queue_arguments(spec))
         for binding in spec.bindings:

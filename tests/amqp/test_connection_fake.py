@@ -179,6 +179,74 @@ async def test_silent_broker_fails_connection_after_two_intervals(
     assert heartbeat_times(broker, t0) == client_heartbeats
 
 
+def block_the_loop(seconds: float) -> None:
+    """What a handler calling time.sleep does, on the virtual clock: time passes and
+    no task runs."""
+    clock = trio.lowlevel.current_clock()
+    assert isinstance(clock, trio.testing.MockClock)
+    clock.jump(seconds)
+
+
+@autojump()
+async def test_a_blocked_event_loop_is_named_when_the_broker_then_drops_us(
+    anyio_backend: Any,
+) -> None:
+    """The broker closes the socket of a client whose event loop was blocked past two
+    heartbeat intervals: the error says the process was blocked (what to fix), not
+    that the broker went silent."""
+    client, broker = pair()
+
+    async def script() -> None:
+        await broker.handshake(heartbeat=10)
+        await blocked.wait()
+        await broker.send_eof()
+
+    async def block_then_wait(client: Any) -> None:
+        async with connect_stream(client, PARAMS):
+            await anyio.sleep(3)
+            block_the_loop(30)
+            blocked.set()
+            await anyio.sleep_forever()
+
+    blocked = anyio.Event()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(broker.serve, script)
+        with pytest.raises(ConnectionLost) as exc_info:
+            await block_then_wait(client)
+    message = str(exc_info.value)
+    assert "event loop was blocked for 2" in message, message
+    assert "a handler is running blocking code" in message
+    assert isinstance(exc_info.value.__cause__, ConnectionLost)
+
+
+@autojump()
+async def test_after_a_blocked_loop_what_waits_in_the_socket_is_read_before_any_verdict(
+    anyio_backend: Any,
+) -> None:
+    """A heartbeat the broker sent while the client's loop was blocked is read before
+    the client judges the broker silent: the connection lives on."""
+    client, broker = pair()
+
+    async def script() -> None:
+        await broker.handshake(heartbeat=10)
+        await blocked.wait()
+        # Sent "during" the block: it is runnable in the same scheduler round as the
+        # client's overdue heartbeat task, in an order trio chooses.
+        await broker.send(0, Heartbeat())
+        await anyio.sleep_forever()
+
+    blocked = anyio.Event()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(broker.serve, script)
+        async with connect_stream(client, PARAMS) as conn:
+            await anyio.sleep(1)
+            block_the_loop(25)
+            blocked.set()
+            await anyio.sleep(2)
+            assert conn.is_open
+        tg.cancel_scope.cancel()
+
+
 @autojump()
 async def test_heartbeat_only_after_half_an_interval_without_sending(anyio_backend: Any) -> None:
     client, broker = pair()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import re
+import struct
 from typing import Any
 
 import pamqp.frame
@@ -744,6 +745,31 @@ def test_method_in_the_middle_of_content() -> None:
         RemoteProtocolError, match=re.escape("in the middle of the content of Basic.Deliver")
     ):
         conn.receive_data(server(channel_id, commands.Basic.Deliver("ctag", 2, False, "", "q")))
+
+
+def test_a_delivery_whose_properties_cannot_be_decoded_is_delivered_with_the_reason() -> None:
+    """Properties pamqp cannot turn into Python values (here a message_id that is not
+    UTF-8, as any client may publish) do not break the connection: the delivery comes
+    with empty properties and the reason, and the next delivery is read as usual."""
+    conn = connect()
+    channel_id = open_channel(conn)
+    good = Props(message_id="m-2")
+    # A content header made by hand: class 60, weight 0, body size 3, the
+    # message_id flag (bit 7), then a short string of two bytes that are not UTF-8.
+    payload = struct.pack(">HHQH", 60, 0, 3, 1 << 7) + b"\x02\xff\xfe"
+    bad_header = b"\x02" + struct.pack(">HI", channel_id, len(payload)) + payload + b"\xce"
+    data = (
+        server(channel_id, commands.Basic.Deliver("ctag", 1, False, "", "q"))
+        + bad_header
+        + server(channel_id, ContentBody(b"bad"))
+        + server_content(channel_id, commands.Basic.Deliver("ctag", 2, False, "", "q"), b"ok", good)
+    )
+    first, second = conn.receive_data(data)
+    assert isinstance(first, Delivery)
+    assert (first.delivery_tag, first.body, first.properties) == (1, b"bad", Props())
+    assert first.properties_error is not None
+    assert "cannot be decoded" in first.properties_error
+    assert second == Delivery(channel_id, "ctag", 2, False, "", "q", good, b"ok")
 
 
 def test_method_between_deliver_and_header() -> None:

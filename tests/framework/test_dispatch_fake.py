@@ -36,9 +36,9 @@ from strictconsume._backoff import DEFAULT_BACKOFF
 from strictconsume._dispatch import ACK_DELAY, Shutdown, ack_batch
 from strictconsume._outcome import OutcomeKind
 from strictconsume._publisher import PublishChannelSlot
-from strictconsume._retry import dead_letter_queue_name, retry_queue_arguments, retry_queue_name
+from strictconsume._retry import dead_letter_queue_name, retry_queue_name
 from strictconsume._supervisor import Supervisor
-from strictconsume._topology import queue_arguments
+from strictconsume._topology import dead_letter_arguments, queue_arguments, retry_arguments
 from strictconsume.amqp import (
     Connection,
     ConnectionClosed,
@@ -149,9 +149,11 @@ def make_supervisor(
 def declarations(spec: ConsumerSpec) -> list[tuple[str, dict[str, Any]]]:
     """The queue.declare frames (name, arguments) a consumer's topology takes, in order."""
     queue = spec.queue
-    names: list[tuple[str, dict[str, Any]]] = [(dead_letter_queue_name(queue), {})]
+    names: list[tuple[str, dict[str, Any]]] = [
+        (dead_letter_queue_name(queue), dict(dead_letter_arguments(spec) or {}))
+    ]
     for delay in sorted(set(spec.retry.delays)):
-        names.append((retry_queue_name(queue, delay), dict(retry_queue_arguments(queue, delay))))
+        names.append((retry_queue_name(queue, delay), dict(retry_arguments(spec, delay))))
     names.append((queue, dict(queue_arguments(spec))))
     return names
 

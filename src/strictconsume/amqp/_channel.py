@@ -93,9 +93,8 @@ def encodable_table(table: FieldTable) -> FieldTable:
     """``table`` with ``bytes`` values (at any depth) as ``bytearray``.
 
     pamqp encodes a byte array from ``bytearray`` only and refuses ``bytes``, which is
-    what users naturally pass; both mean the same AMQP value ('x'). Note that pamqp
-    encodes a ``float`` as a single-precision float ('f'): use ``decimal.Decimal`` or
-    a string for values that must arrive exactly.
+    what users naturally pass; both mean the same AMQP value ('x'). A ``float`` is
+    published as a double ('d'), see :mod:`._codec`.
     """
     if not any(isinstance(v, bytes | dict | list) for v in table.values()):
         return table

@@ -117,6 +117,9 @@ class Connection:
         self._drained = anyio.Event()
         self._last_sent = 0.0
         self._last_received = 0.0
+        #: (when, for how long) the heartbeat task last found the event loop had not
+        #: run it for more than half an interval: something blocked this process.
+        self._loop_blocked: tuple[float, float] | None = None
         self._blocked_reason: str | None = None
         self._unblocked = anyio.Event()
         self._unblocked.set()
@@ -268,6 +271,7 @@ class Connection:
             if cancel and self._task_group is not None:
                 self._task_group.cancel_scope.cancel()
             return
+        error = self._blamed_on_a_blocked_loop(error)
         self._error = error
         self._opened.fail(error)
         self._closed.fail(error)
@@ -278,6 +282,28 @@ class Connection:
         self._unblocked.set()
         if cancel and self._task_group is not None:
             self._task_group.cancel_scope.cancel()
+
+    def _blamed_on_a_blocked_loop(self, error: AMQPError) -> AMQPError:
+        """``error``, reworded when the connection broke just after this process's
+        event loop was blocked longer than the broker tolerates: then the broker is
+        not to blame (it closed the connection for missed heartbeats), the blocking
+        code is."""
+        blocked = self._loop_blocked
+        interval = self._core.heartbeat
+        if blocked is None or not isinstance(error, ConnectionLost) or interval <= 0:
+            return error
+        when, blocked_for = blocked
+        if anyio.current_time() - when > 2 * interval:
+            return error
+        reworded = ConnectionLost(
+            f"the connection to {self.params.url} was lost ({error}) after this process's "
+            f"event loop was blocked for {blocked_for:.1f} s, longer than the broker "
+            f"waits for heartbeats (about {2 * interval} s): a handler is running "
+            "blocking code (time.sleep, blocking I/O, heavy computation) on the event "
+            "loop; await, or move it to a thread with anyio.to_thread.run_sync"
+        )
+        reworded.__cause__ = error
+        return reworded
 
     async def _reader(self) -> None:
         assert self._stream is not None
@@ -429,9 +455,17 @@ class Connection:
             return
         send_every = interval / 2
         silent_limit = 2 * interval
+        late_by = 0.0
         while True:
             now = anyio.current_time()
             dead_at = self._last_received + silent_limit
+            if late_by > send_every:
+                # The loop did not run this task for a while: something blocked the
+                # process. What the broker sent meanwhile waits in the socket, so the
+                # silence is not the broker's until the reader has had a turn.
+                self._loop_blocked = (now, late_by)
+                dead_at = max(dead_at, now + min(send_every, 1.0))
+            late_by = 0.0
             if now >= dead_at:
                 self._fail(
                     ConnectionLost(
@@ -449,7 +483,9 @@ class Connection:
                 self._last_sent = now
                 self._wake_writer()
                 send_at = now + send_every
-            await anyio.sleep_until(min(dead_at, send_at))
+            wake_at = min(dead_at, send_at)
+            await anyio.sleep_until(wake_at)
+            late_by = anyio.current_time() - wake_at
 
     # -- lifecycle ----------------------------------------------------------------------
 

@@ -101,6 +101,7 @@ from pamqp.base import Frame
 from pamqp.body import ContentBody
 from pamqp.heartbeat import Heartbeat
 
+from ._codec import exact_floats
 from ._errors import AMQPError, LocalProtocolError, RemoteProtocolError
 
 if TYPE_CHECKING:
@@ -132,6 +133,7 @@ __all__ = [
 
 _FRAME_HEADER: Final = struct.Struct(">BHI")
 _METHOD_INDEX: Final = struct.Struct(">I")
+_CONTENT_PREFIX: Final = struct.Struct(">H2xQ")  # class id, (weight), body size
 _FRAME_METHOD: Final = constants.FRAME_METHOD
 _FRAME_HEADER_TYPE: Final = constants.FRAME_HEADER
 _FRAME_BODY: Final = constants.FRAME_BODY
@@ -295,7 +297,11 @@ class MethodReceived:
 
 @attrs.frozen(slots=True)
 class Delivery:
-    """A message delivered to a consumer (basic.deliver with its content)."""
+    """A message delivered to a consumer (basic.deliver with its content).
+
+    ``properties_error`` says why the properties could not be decoded (they are then
+    empty); the consumer should reject such a delivery to its dead-letter queue.
+    """
 
     channel_id: int
     consumer_tag: str
@@ -305,6 +311,7 @@ class Delivery:
     routing_key: str
     properties: commands.Basic.Properties
     body: bytes
+    properties_error: str | None = None
 
 
 @attrs.frozen(slots=True)
@@ -403,11 +410,14 @@ class _Channel:
     content_size: int = 0
     content_received: int = 0
     content_chunks: list[bytes] = attrs.Factory(list)
+    # Why the content header's properties could not be decoded (a delivery only).
+    content_error: str | None = None
 
     def reset_content(self) -> None:
         """Forget any content being assembled."""
         self.content_method = None
         self.content_properties = None
+        self.content_error = None
         self.content_size = 0
         self.content_received = 0
         self.content_chunks = []
@@ -759,10 +769,12 @@ class ProtocolConnection:
                 ),
                 channel_id,
             )
+            if properties is not None:
+                properties = exact_floats(properties)
             header_frame = pamqp.frame.marshal(
                 header.ContentHeader(0, len(body), properties), channel_id
             )
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, OverflowError, struct.error) as exc:
             raise ValueError(
                 f"cannot publish to exchange {exchange!r} with routing key {routing_key!r}: {exc}"
             ) from exc
@@ -1160,16 +1172,32 @@ class ProtocolConnection:
                 f"the broker sent a second content header on channel {channel_id} for "
                 f"{method.name} while its body was still expected"
             )
-        content = self._decode_header(payload)
-        class_id = cast(int, content.class_id)  # pamqp declares it None until decoded
+        try:
+            content = self._decode_header(payload)
+        except RemoteProtocolError as exc:
+            # The frame is whole (its end octet checked); only its properties are not
+            # valid Python values (a timestamp beyond datetime, a header name that is
+            # not UTF-8, ...), as any client may publish. A delivery is then handed
+            # on with empty properties and the reason, for the consumer to reject it
+            # to its dead-letter queue, raw properties intact; the connection lives.
+            if type(method) is not commands.Basic.Deliver or len(payload) < 12:
+                raise
+            class_id, body_size = _CONTENT_PREFIX.unpack_from(payload)
+            if class_id != _BASIC_CLASS:
+                raise
+            channel.content_error = f"its properties cannot be decoded ({exc.__cause__ or exc})"
+            properties = commands.Basic.Properties()
+        else:
+            class_id = cast(int, content.class_id)  # pamqp: None until decoded
+            properties, body_size = content.properties, content.body_size
         if class_id != _BASIC_CLASS:
             raise RemoteProtocolError(
                 f"the broker sent a content header of class {class_id} on channel "
                 f"{channel_id}; only the basic class (60) has content"
             )
-        channel.content_properties = content.properties
-        channel.content_size = content.body_size
-        if not content.body_size:
+        channel.content_properties = properties
+        channel.content_size = body_size
+        if not body_size:
             self._content_complete(channel, b"")
 
     def _body_frame(self, channel_id: int, payload: bytes) -> None:
@@ -1218,10 +1246,12 @@ class ProtocolConnection:
     def _content_complete(self, channel: _Channel, body: bytes) -> None:
         method = channel.content_method
         properties = channel.content_properties
+        error = channel.content_error
         assert method is not None
         assert properties is not None
         channel.content_method = None
         channel.content_properties = None
+        channel.content_error = None
         channel.content_size = 0
         channel.content_received = 0
         if channel.content_chunks:
@@ -1238,6 +1268,7 @@ class ProtocolConnection:
                     method.routing_key or "",
                     properties,
                     body,
+                    error,
                 )
             )
         elif isinstance(method, commands.Basic.GetOk):
