@@ -461,10 +461,28 @@ class Dispatcher:
             async with native.task_group() as handlers:
                 handlers.start_soon(state.acker)
                 intake = self.shutdown.intake_scope()
+
+                def take(delivery: Delivery) -> bool:
+                    # Called by the connection's reader: one task switch less per
+                    # message than iterating. Not once a stop was requested: those
+                    # deliveries are nacked back when the consumer is cancelled.
+                    if self.shutdown.requested:
+                        return False
+                    state.tracker.received(delivery.delivery_tag)
+                    state.started()
+                    handlers.start_soon(self._handle, state, delivery)
+                    return True
+
+                # With a concurrency limit, intake waits for a free slot: iterate.
+                limited = state.limit is not None
                 try:
                     with intake:
-                        async with ch.consume(self.queue) as consumer:
+                        async with ch.consume(
+                            self.queue, on_delivery=None if limited else take
+                        ) as consumer:
                             subscribed()
+                            if not limited:
+                                await consumer.wait()
                             async for delivery in consumer:
                                 await self._start(state, handlers, delivery)
                 except AMQPError as exc:  # channel closed, broker-sent cancel
@@ -484,13 +502,14 @@ class Dispatcher:
     async def _start(
         self, state: _ChannelState, handlers: HandlerGroup, delivery: Delivery
     ) -> None:
+        """Start a handler once the concurrency limit has a free slot."""
+        assert state.limit is not None
         state.tracker.received(delivery.delivery_tag)
-        if state.limit is not None:
-            try:
-                await state.limit.acquire()
-            except BaseException:  # intake stopped while waiting: give it back
-                await state.requeue(delivery.delivery_tag)
-                raise
+        try:
+            await state.limit.acquire()
+        except BaseException:  # intake stopped while waiting: give it back
+            await state.requeue(delivery.delivery_tag)
+            raise
         state.started()
         handlers.start_soon(self._handle, state, delivery)
 

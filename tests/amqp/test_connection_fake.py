@@ -878,6 +878,51 @@ async def test_broker_cancel_ends_iteration_after_earlier_deliveries(
     assert "consume again" in str(error)
 
 
+async def test_a_callback_consumer_takes_deliveries_as_read_and_ends_like_the_iteration(
+    anyio_backend: Any,
+) -> None:
+    """``on_delivery`` gets each delivery from the reader; one it declines (returns
+    False) is nacked with requeue when the consumer goes, like an unyielded delivery;
+    ``wait()`` raises the broker's cancel, as the iteration would."""
+    client, broker = pair()
+
+    async def script() -> None:
+        await broker.handshake()
+        await broker.open_channel(1)
+        consume = await broker.expect(commands.Basic.Consume, 1)
+        tag = consume.consumer_tag or ""
+        await broker.send(1, commands.Basic.ConsumeOk(tag))
+        await broker.send_raw(
+            broker.deliver_bytes(1, tag, 1, b"one")
+            + broker.deliver_bytes(1, tag, 2, b"declined")
+            + broker.deliver_bytes(1, tag, 3, b"three")
+            + FakeBroker.frame(1, commands.Basic.Cancel(tag, nowait=True))
+        )
+        nack = await broker.expect(commands.Basic.Nack, 1)
+        assert (nack.delivery_tag, nack.requeue) == (2, True)
+        await broker.close_channel(1)
+        await broker.close_connection()
+
+    taken: list[bytes] = []
+
+    def on_delivery(delivery: Delivery) -> bool:
+        if delivery.body == b"declined":
+            return False
+        taken.append(delivery.body)
+        return True
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(broker.serve, script)
+        async with (
+            connect_stream(client, PARAMS) as conn,
+            conn.channel() as ch,
+            ch.consume("orders", on_delivery=on_delivery) as consumer,
+        ):
+            with pytest.raises(ConsumerCancelled):
+                await consumer.wait()
+    assert taken == [b"one", b"three"]
+
+
 async def test_consume_exit_cancels_and_requeues_unyielded_deliveries(anyio_backend: Any) -> None:
     client, broker = pair()
 

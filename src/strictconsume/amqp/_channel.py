@@ -20,7 +20,7 @@ import copy
 import logging
 import math
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING
 
 import anyio
@@ -108,16 +108,28 @@ class Consumer:
     consumer (queue deleted, node lost), after every delivery that arrived before the
     cancel was yielded; with :class:`ChannelClosed` or :class:`ConnectionLost` when the
     channel or connection goes away.
+
+    With ``on_delivery`` (see :meth:`Channel.consume`) deliveries are handed to that
+    callback as they are read instead, and :meth:`wait` ends the way the iteration
+    would.
     """
 
-    def __init__(self, channel: Channel, queue: str, consumer_tag: str) -> None:
+    def __init__(
+        self,
+        channel: Channel,
+        queue: str,
+        consumer_tag: str,
+        on_delivery: Callable[[Delivery], bool] | None = None,
+    ) -> None:
         self.channel = channel
         self.queue = queue
         self.consumer_tag = consumer_tag
+        self._on_delivery = on_delivery
         send, receive = anyio.create_memory_object_stream[Delivery](math.inf)
         self._send: MemoryObjectSendStream[Delivery] = send
         self._receive: MemoryObjectReceiveStream[Delivery] = receive
         self._error: BaseException | None = None
+        self._ended = anyio.Event()
 
     def __repr__(self) -> str:
         return f"<Consumer {self.consumer_tag!r} on queue {self.queue!r}>"
@@ -136,13 +148,23 @@ class Consumer:
             raise self._error
         raise StopAsyncIteration
 
+    async def wait(self) -> None:
+        """With ``on_delivery``: wait until the consumer ends; raises what would end
+        the iteration (nothing after a cancel of ours)."""
+        await self._ended.wait()
+        if self._error is not None:
+            raise self._error
+
     def _deliver(self, delivery: Delivery) -> None:
-        self._send.send_nowait(delivery)
+        callback = self._on_delivery
+        if callback is None or not callback(delivery):
+            self._send.send_nowait(delivery)
 
     def _end(self, error: BaseException | None) -> None:
         if self._error is None:
             self._error = error
         self._send.close()
+        self._ended.set()
 
     def _drain(self) -> list[Delivery]:
         """Take every delivery that arrived but was not yielded, and close the stream."""
@@ -357,12 +379,20 @@ class Channel:
         exclusive: bool = False,
         consumer_tag: str = "",
         arguments: Arguments = None,
+        on_delivery: Callable[[Delivery], bool] | None = None,
     ) -> AsyncIterator[Consumer]:
         """Subscribe to ``queue``; iterate the yielded :class:`Consumer` for deliveries.
 
         On exit the consumer is cancelled (basic.cancel, waiting for cancel-ok), and
         deliveries that arrived but were never yielded are nacked with requeue, so
         nothing stays unacked behind a consumer that is gone.
+
+        ``on_delivery``, when given, is called with each delivery as the connection's
+        reader decodes it (so it must not block or raise), sparing a task switch per
+        message; it returns False for a delivery it does not take, which then waits
+        to be nacked like an unyielded one. Wait with :meth:`Consumer.wait` instead
+        of iterating. The callback is dropped as soon as the consumer is being
+        cancelled.
         """
         self._check_open()
         if not consumer_tag:
@@ -370,7 +400,7 @@ class Channel:
             consumer_tag = f"sc-{self.channel_id}-{self._consumer_count}"
         if consumer_tag in self._consumers:
             raise LocalProtocolError(f"consumer tag {consumer_tag!r} is in use on this channel")
-        consumer = Consumer(self, queue, consumer_tag)
+        consumer = Consumer(self, queue, consumer_tag, on_delivery)
         self._consumers[consumer_tag] = consumer
         if no_ack:
             self._no_ack_tags.add(consumer_tag)
@@ -395,6 +425,7 @@ class Channel:
             await self._cancel_consumer(consumer, requeue_unyielded=not no_ack)
 
     async def _cancel_consumer(self, consumer: Consumer, *, requeue_unyielded: bool) -> None:
+        consumer._on_delivery = None  # what arrives from now on is nacked below
         with anyio.CancelScope(shield=True):
             if consumer.consumer_tag in self._consumers and self.is_open:
                 with anyio.move_on_after(CLOSE_TIMEOUT), contextlib.suppress(AMQPError):
