@@ -151,7 +151,9 @@ class Harness:
             if proc.poll() is None:
                 proc.kill()
             proc.wait(timeout=30)
-        for url in self.urls_used:
+        # without the query: pika refuses parameters of ours it does not know
+        # (``connection_timeout``), and it needs none of them to delete a queue
+        for url in {used.split("?", 1)[0] for used in self.urls_used}:
             for queue in (self.queue, f"{self.queue}.dlq"):
                 # a private node already stopped: its queues went with it
                 with contextlib.suppress(pika.exceptions.AMQPConnectionError):
@@ -177,16 +179,23 @@ def settled_count(url: str, queue: str, expected: int, timeout: float = 5.0) -> 
         time.sleep(0.05)
 
 
-def list_queue(node: Sequence[str], queue: str) -> tuple[int, int] | None:
-    """(ready, unacked) of ``queue`` by ``rabbitmqctl list_queues`` on ``node``."""
+def list_queues(node: Sequence[str]) -> dict[str, tuple[int, int]]:
+    """(ready, unacked) of every queue on ``node``, by one ``rabbitmqctl list_queues``
+    (about a second: the CLI starts an Erlang VM)."""
     result = dev_broker(
         *node, "ctl", "list_queues", "name", "messages_ready", "messages_unacknowledged"
     )
+    found: dict[str, tuple[int, int]] = {}
     for line in result.stdout.splitlines():
         fields = line.split("\t")
-        if len(fields) == 3 and fields[0] == queue:
-            return int(fields[1]), int(fields[2])
-    return None
+        if len(fields) == 3 and fields[1].isdigit() and fields[2].isdigit():
+            found[fields[0]] = (int(fields[1]), int(fields[2]))
+    return found
+
+
+def list_queue(node: Sequence[str], queue: str) -> tuple[int, int] | None:
+    """(ready, unacked) of ``queue`` by ``rabbitmqctl list_queues`` on ``node``."""
+    return list_queues(node).get(queue)
 
 
 def unacked_when_settled(node: Sequence[str], queue: str, timeout: float = 5.0) -> int:
