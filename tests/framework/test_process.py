@@ -1,7 +1,7 @@
 """``python -m strictconsume`` as a real process against a real RabbitMQ (design
 sections 3, 5 and 7): a graceful shutdown on SIGTERM, a second SIGTERM, fatal
-start-up errors and their exit codes, and reconnecting through closed connections
-and a broker restart without losing a message.
+start-up errors and their exit codes, JSON logs and --http. Reconnecting through
+faults without losing a message is tests/faults/test_faults.py.
 
 The process runs ``tests/framework/process_app.py``, which records every message id
 its handler finished in a file per process; the broker's state is read with pika
@@ -11,9 +11,7 @@ are synchronous: they drive processes, and no event loop runs in them.
 
 from __future__ import annotations
 
-import collections
 import json
-import random
 import signal
 import socket
 import time
@@ -31,11 +29,8 @@ from ..processes import (
     SHARED_NODE,
     Consumer,
     Harness,
-    Node,
     ctl_available,
-    declare,
     drain,
-    list_queue,
     message_count,
     publish,
     settled_count,
@@ -259,105 +254,6 @@ def test_a_target_that_cannot_be_loaded_is_a_usage_error(
     assert code == 2, log
     assert len(_error_lines(log)) == 1, log
     assert "Traceback" not in log, log
-
-
-# -- 4. reconnect ----------------------------------------------------------------------
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(300)
-@BACKENDS
-def test_reconnects_through_closed_connections_and_a_restart(
-    own_node: Node, harness: Harness, backend: str
-) -> None:
-    total = 5000
-    url = own_node.url
-    ids = [f"m{i:05d}-{uuid.uuid4().hex[:6]}" for i in range(total)]
-    declare(url, harness.queue)
-    began = time.monotonic()
-    publish(url, harness.queue, [{"id": i} for i in ids])
-    print(f"[{backend}] published {total} in {time.monotonic() - began:.1f} s")
-
-    consumer = harness.start(
-        backend,
-        "--prefetch",
-        "100",
-        "--grace-period",
-        "5",
-        url=url,
-        env={"PROCESS_APP_SLEEP_MAX": "0.4"},
-    )
-
-    def ready_lines() -> int:
-        return consumer.log_count("ready: consuming")
-
-    consumer.wait_for(lambda: ready_lines() == 1, 15, "ready line")
-    recoveries: list[float] = []
-    rng = random.Random()
-    for k in range(1, 6):
-        time.sleep(rng.uniform(0.5, 1.0))
-        in_flight_progress = len(consumer.finished())
-        closed = time.monotonic()
-        dev_broker(*own_node.args, "ctl", "close_all_connections", "test")
-
-        def reconnected(k: int = k) -> bool:
-            return ready_lines() == k + 1
-
-        back = consumer.wait_for(reconnected, 40, f"reconnect {k}")
-        recoveries.append(back - closed)
-        print(
-            f"[{backend}] close {k} at {in_flight_progress} finished: ready again "
-            f"{back - closed:.2f} s after the close command returned"
-        )
-
-    time.sleep(0.5)
-    at_restart = len(set(consumer.finished()))
-    before = ready_lines()
-    stopping = time.monotonic()
-    dev_broker(*own_node.args, "stop")
-    stopped = time.monotonic()
-    dev_broker(*own_node.args, "start")
-    started = time.monotonic()
-    back = consumer.wait_for(lambda: ready_lines() > before, 60, "the reconnect after a restart")
-    print(
-        f"[{backend}] restart at {at_restart} finished: stop {stopped - stopping:.1f} s, "
-        f"start {started - stopped:.1f} s, ready again {back - started:.2f} s after the "
-        f"node was up ({back - stopping:.1f} s after the stop began)"
-    )
-
-    consumer.wait_for(lambda: len(set(consumer.finished())) >= total, 90, "every id finished")
-    done = time.monotonic()
-    finished = consumer.finished()
-    counts = collections.Counter(finished)
-    duplicates = {i: n for i, n in counts.items() if n > 1}
-    log = consumer.log()
-    reconnecting = consumer.log_count("reconnecting")
-    print(
-        f"[{backend}] all {total} finished {done - back:.1f} s after the last reconnect; "
-        f"{len(finished)} handler runs, {len(duplicates)} duplicated ids "
-        f"({sorted(duplicates.items())[:20]}); {reconnecting} 'reconnecting' lines, "
-        f"{ready_lines()} 'ready' lines; {at_restart} finished before the restart"
-    )
-
-    assert set(counts) == set(ids), f"unknown or missing ids: {set(ids) ^ set(counts)}"
-    found = list_queue(own_node.args, harness.queue)
-    deadline = time.monotonic() + 10
-    while found != (0, 0) and time.monotonic() < deadline:
-        time.sleep(0.2)
-        found = list_queue(own_node.args, harness.queue)
-    assert found == (0, 0), f"(ready, unacked) = {found}"
-    assert message_count(url, harness.queue) == 0
-    assert message_count(url, f"{harness.queue}.dlq") == 0
-    for bad in ("PRECONDITION_FAILED", "unknown delivery tag", "Traceback", "unexpected error"):
-        assert bad not in log, f"{bad!r} in the log:\n{log}"
-    assert reconnecting >= 6, log
-    assert ready_lines() >= 7, log
-
-    signalled = consumer.send(signal.SIGTERM)
-    code, exited = consumer.wait_exit(15)
-    print(f"[{backend}] exit {code} {exited - signalled:.2f} s after SIGTERM")
-    assert code == 0, consumer.tail()
-    assert "stopped" in consumer.tail(5)
 
 
 # -- observability: JSON logs and --http -----------------------------------------------------
