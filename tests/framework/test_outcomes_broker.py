@@ -26,6 +26,7 @@ import pika
 import pytest
 
 import strictconsume as sc
+from strictconsume._topology import QUORUM_RETRY_ARGUMENTS
 from strictconsume.amqp import ChannelClosed, MessageReturned
 
 from ..amqp.oracle import Oracle, OracleMessage, pika_channel
@@ -320,16 +321,20 @@ async def test_exception_is_retried_then_dead_lettered(
     async with app.running():
         # the retry queues exist from the start, with their TTL and dead-lettering back
         for ms in (200, 400):
+            arguments = retry_arguments(queue, ms)
+            if queue_type == "quorum":  # quorum too, handing back at least once
+                arguments.update(QUORUM_RETRY_ARGUMENTS)
             assert await oracle.queue_exists(f"{queue}.retry.{ms}")
-            assert await pk.has_arguments(f"{queue}.retry.{ms}", retry_arguments(queue, ms))
-            wrong_ttl = {**retry_arguments(queue, ms), "x-message-ttl": ms + 1}
+            assert await pk.has_arguments(f"{queue}.retry.{ms}", arguments)
+            wrong_ttl = {**arguments, "x-message-ttl": ms + 1}
             assert not await pk.has_arguments(f"{queue}.retry.{ms}", wrong_ttl)
         expected = main_arguments(queue)
         if queue_type == "quorum":
             expected["x-queue-type"] = "quorum"
             expected["x-delivery-limit"] = 20  # the default for quorum queues
         assert await pk.has_arguments(queue, expected)
-        assert await pk.has_arguments(f"{queue}.dlq", {})
+        dlq = {"x-queue-type": "quorum"} if queue_type == "quorum" else {}
+        assert await pk.has_arguments(f"{queue}.dlq", dlq)
 
         await pk.publish(b'{"n": 3}', routing_key=queue, message_id="mid-retry")
         await wait_for_count(oracle, f"{queue}.dlq", 1)

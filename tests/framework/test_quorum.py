@@ -11,7 +11,8 @@ What RabbitMQ 3.10 (Debian's 3.10.8) does, observed with pika and asserted below
   its (N + 1)-th return dead-letters it instead of requeueing it (limit 2: three
   deliveries). The dead letter goes where the queue's ``x-dead-letter-*`` arguments
   say, with an ``x-death`` entry of reason ``delivery_limit`` and
-  ``x-first-death-reason = delivery_limit``, and without ``x-delivery-count``.
+  ``x-first-death-reason = delivery_limit``; read with basic.get from the ``.dlq``
+  (a quorum queue too) it carries ``x-delivery-count = 0``.
 - ``x-delivery-limit`` is part of the redeclare equivalence check: declaring the queue
   again with another limit, or without one, is refused with 406.
 
@@ -198,8 +199,9 @@ async def test_delivery_limit_arguments_are_declared(broker_url: str, names: Nam
             if "x-delivery-limit" in arguments:
                 without = {k: v for k, v in arguments.items() if k != "x-delivery-limit"}
                 assert not await Oracle(broker_url).has_arguments(queue, without), queue
-            # the dead-letter queue is a plain classic queue
-            assert await Oracle(broker_url).has_arguments(f"{queue}.dlq", {}), queue
+            # the dead-letter queue is a quorum queue too (it must survive its node)
+            dlq_arguments = {"x-queue-type": "quorum"}
+            assert await Oracle(broker_url).has_arguments(f"{queue}.dlq", dlq_arguments), queue
             seen = await ctl_queue(queue)
             if seen is not None:
                 assert seen.type == "quorum"
@@ -331,7 +333,8 @@ async def test_broker_dead_letters_after_the_delivery_limit(
     assert headers["x-first-death-reason"] == "delivery_limit"
     assert headers["x-first-death-queue"] == queue
     assert headers["k"] == "v"
-    assert "x-delivery-count" not in headers
+    # read with basic.get from the quorum .dlq, which counts from 0 again
+    assert headers["x-delivery-count"] == 0
     assert not [name for name in headers if name.startswith("x-error-")]
     assert "x-attempt" not in headers
 
@@ -424,7 +427,8 @@ async def test_requeue_uses_up_an_attempt_of_the_retry_policy(
     assert headers["x-error-message"] == "fails on attempt 2"
     assert headers["x-attempt"] == 2
     assert headers["x-failed-queue"] == queue
-    assert "x-delivery-count" not in headers
+    # the copy drops the original's count (1); the quorum .dlq's basic.get adds its 0
+    assert headers["x-delivery-count"] == 0
     assert "x-death" not in headers
 
 
