@@ -12,13 +12,17 @@ scopes, so native and anyio scopes nest freely.
 
 from __future__ import annotations
 
+import importlib
 import math
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
 
 import anyio
 import sniffio
-import trio
+
+if TYPE_CHECKING:
+    import trio
 
 __all__ = ["HandlerGroup", "Native"]
 
@@ -36,23 +40,26 @@ class HandlerGroup:
 class Native:
     """The running loop's clock, cancel scopes and task groups, looked up once."""
 
-    __slots__ = ("current_time", "on_trio")
+    __slots__ = ("_trio", "current_time", "on_trio")
 
     def __init__(self) -> None:
         self.on_trio = sniffio.current_async_library() == "trio"
+        # Imported here: an App on asyncio never loads trio (about 5 MB of RSS).
+        self._trio = importlib.import_module("trio") if self.on_trio else None
         self.current_time: Callable[[], float] = (
-            trio.current_time if self.on_trio else anyio.current_time
+            self._trio.current_time if self._trio is not None else anyio.current_time
         )
 
     def cancel_scope(self, *, deadline: float = math.inf) -> trio.CancelScope | anyio.CancelScope:
-        if self.on_trio:
-            return trio.CancelScope(deadline=deadline)
+        if self._trio is not None:
+            scope: trio.CancelScope = self._trio.CancelScope(deadline=deadline)
+            return scope
         return anyio.CancelScope(deadline=deadline)
 
     @asynccontextmanager
     async def task_group(self) -> AsyncIterator[HandlerGroup]:
-        if self.on_trio:
-            async with trio.open_nursery() as nursery:
+        if self._trio is not None:
+            async with self._trio.open_nursery() as nursery:
                 yield HandlerGroup(nursery.start_soon, nursery.cancel_scope.cancel)
         else:
             async with anyio.create_task_group() as tg:
