@@ -35,19 +35,16 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import anyio
 
 from strictconsume import App, Message, Retry
+from tests.framework.process_app import record
 
 QUEUE = os.environ.get("PROCESS_APP_QUEUE", "strictconsume-bad-input-app")
-RECORD_DIR = Path(os.environ.get("PROCESS_APP_RECORD_DIR", "."))
 RETRY = tuple(float(s) for s in os.environ.get("BAD_INPUT_RETRY", "").split(",") if s)
 
 app = App()
-
-_files: dict[str, int] = {}
 
 
 class HandlerAbort(BaseException):
@@ -73,15 +70,6 @@ RAISERS: dict[str, Callable[[], BaseException]] = {
 }
 
 
-def _record(kind: str, line: str) -> None:
-    fd = _files.get(kind)
-    if fd is None:
-        path = RECORD_DIR / f"{os.getpid()}.{kind}"
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        _files[kind] = fd
-    os.write(fd, f"{line}\n".encode())
-
-
 def _header(msg: Message, name: str, default: str = "") -> str:
     value = msg.headers.get(name)
     if isinstance(value, bytes | bytearray):
@@ -93,11 +81,11 @@ def _header(msg: Message, name: str, default: str = "") -> str:
 async def handle(msg: Message) -> None:
     ident = _header(msg, "id") or msg.message_id or f"tag{msg.delivery_tag}"
     action = _header(msg, "do", "json")
-    _record("started", ident)
+    record("started", ident)
     if action == "json":
         msg.json()
     elif action == "digest":
-        _record("digest", f"{ident} {len(msg.body)} {hashlib.sha256(msg.body).hexdigest()}")
+        record("digest", f"{ident} {len(msg.body)} {hashlib.sha256(msg.body).hexdigest()}")
     elif action == "sleep":
         await anyio.sleep(float(_header(msg, "seconds")))
     elif action == "block":
@@ -111,4 +99,4 @@ async def handle(msg: Message) -> None:
         raise RAISERS[name]()
     else:
         raise ValueError(f"unknown action {action!r}")
-    _record("finished", ident)
+    record("finished", ident)

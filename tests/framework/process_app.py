@@ -41,7 +41,7 @@ app = App()
 _files: dict[str, int] = {}
 
 
-def _record(kind: str, message_id: str) -> None:
+def record(kind: str, message_id: str) -> None:
     """Append ``message_id`` to this process's ``<pid>.<kind>`` file.
 
     A few microseconds of blocking I/O on the event loop, on purpose: the line must be
@@ -60,7 +60,7 @@ async def handle(msg: Message) -> None:
     data = msg.json()
     message_id = str(data["id"])
     if MARK_STARTED:
-        _record("started", message_id)
+        record("started", message_id)
     sleep = data.get("sleep")
     await anyio.sleep(float(sleep) if sleep is not None else random.uniform(0, SLEEP_MAX))
-    _record("finished", message_id)
+    record("finished", message_id)
