@@ -45,6 +45,7 @@ from ._outcome import Outcome, OutcomeKind, decide, error_type
 from ._retry import dead_letter_queue_name, retry_queue_name
 from ._topology import TopologyError, dead_letter_arguments, declare_consumer, retry_arguments
 from .amqp import AMQPError, ChannelClosed, ConsumerCancelled, MessageReturned, Properties
+from .amqp._connection import asyncio_cancel_requested
 
 if TYPE_CHECKING:
     import random as random_module
@@ -274,9 +275,8 @@ async def call_handler(
     except asyncio.CancelledError as exc:
         # On asyncio a handler can raise CancelledError of its own accord: it awaited
         # a future or task that something else cancelled. Only a request to cancel
-        # this task is a cancellation; anything else is the handler failing.
-        task = asyncio.current_task()
-        if task is None or task.cancelling():
+        # this task is a cancellation; anything else (on trio: always) is a failure.
+        if asyncio_cancel_requested():
             raise
         error = RuntimeError(
             "the handler raised asyncio.CancelledError while nothing was cancelling it "

@@ -14,6 +14,7 @@ properties) and must decide the same outcome, destination and headers.
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import decimal
 import re
@@ -126,6 +127,22 @@ async def test_exception_retries_with_the_policy_delay(
     # the copy: the original's headers, the next attempt, and where it was published
     assert result.headers == {"trace": "t-1", "x-attempt": attempt + 1, **route()}
     assert result.message.attempt == attempt
+
+
+async def test_a_cancelled_error_the_handler_raises_itself_is_a_failure() -> None:
+    """A handler that raises asyncio.CancelledError of its own accord (it awaited a
+    future or task cancelled elsewhere; on trio nothing else raises it) is retried like
+    any failure: nothing was cancelling the handler's task."""
+
+    @sc.consumer(QUEUE, timeout=5.0, retry=POLICY)
+    async def awaits_a_cancelled_future(msg: sc.Message) -> None:
+        raise asyncio.CancelledError
+
+    result = await run_handler(awaits_a_cancelled_future, b"x")
+    assert result.outcome == "retry"
+    assert isinstance(result.error, RuntimeError)
+    assert "nothing was cancelling it" in str(result.error)
+    assert isinstance(result.error.__cause__, asyncio.CancelledError)
 
 
 async def test_exhausted_retries_dead_letter_with_the_reason() -> None:

@@ -65,7 +65,7 @@ from ._protocol import (
 from ._url import ConnectionParameters, parse_url
 from ._waiter import Waiter
 
-__all__ = ["Connection", "connect", "connect_stream"]
+__all__ = ["Connection", "asyncio_cancel_requested", "connect", "connect_stream"]
 
 logger = logging.getLogger("strictconsume.amqp")
 
@@ -627,15 +627,15 @@ async def connect_stream(
         await anyio.aclose_forcefully(stream)
     error = conn._error
     if error is not None and (body_error is None or _is_fallout(body_error)):
-        if body_error is not None and _outer_cancellation_pending():
+        if body_error is not None and asyncio_cancel_requested():
             raise body_error
         raise error
     if body_error is not None:
         raise body_error
 
 
-def _outer_cancellation_pending() -> bool:
-    """True when, on asyncio, someone outside asked to cancel the current task.
+def asyncio_cancel_requested() -> bool:
+    """True when, on asyncio, someone asked to cancel the current task (False on trio).
 
     The connection's own task group withdraws its cancellation requests when it
     exits, so a request still pending comes from an enclosing scope, a timeout or
