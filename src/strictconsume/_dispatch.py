@@ -522,12 +522,7 @@ class Dispatcher:
             state.inflight,
             extra={"event": "draining", "queue": self.queue},
         )
-        scope = self.shutdown.grace_scope()
-        try:
-            with scope:
-                await state.idle.wait()
-        finally:
-            self.shutdown.discard(scope)
+        await self._wait_idle(state)
         if state.inflight:
             logger.warning(
                 "queue %r: grace period over; cancelling %d handler(s), their messages "
@@ -550,8 +545,13 @@ class Dispatcher:
             state.inflight,
             extra={"event": "draining", "queue": self.queue},
         )
+        await self._wait_idle(state, until=anyio.current_time() + grace)
+
+    async def _wait_idle(self, state: _ChannelState, *, until: float = math.inf) -> None:
+        """Wait until no handler runs, at most until ``until`` and the end of a
+        shutdown's grace period (a forced stop ends it at once)."""
         scope = self.shutdown.grace_scope()
-        scope.deadline = min(scope.deadline, anyio.current_time() + grace)
+        scope.deadline = min(scope.deadline, until)
         try:
             with scope:
                 await state.idle.wait()

@@ -40,12 +40,12 @@ class HandlerGroup:
 class Native:
     """The running loop's clock, cancel scopes and task groups, looked up once."""
 
-    __slots__ = ("_trio", "current_time", "on_trio")
+    __slots__ = ("_trio", "current_time")
 
     def __init__(self) -> None:
-        self.on_trio = sniffio.current_async_library() == "trio"
         # Imported here: an App on asyncio never loads trio (about 5 MB of RSS).
-        self._trio = importlib.import_module("trio") if self.on_trio else None
+        on_trio = sniffio.current_async_library() == "trio"
+        self._trio = importlib.import_module("trio") if on_trio else None
         self.current_time: Callable[[], float] = (
             self._trio.current_time if self._trio is not None else anyio.current_time
         )
