@@ -12,7 +12,6 @@ start is a no-op, so running pytest directly works too).
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -83,6 +82,42 @@ def broker_url() -> str:
     return url
 
 
+def read_broker_version(url: str) -> tuple[int, int, int]:
+    """The broker's version from its connection.start, read with pamqp over a plain
+    socket (nothing of strictconsume's client), for tests that pin what a version
+    does."""
+    import pamqp.exceptions
+    import pamqp.frame
+    from pamqp import commands
+
+    from strictconsume.amqp import parse_url
+    from strictconsume.amqp._protocol import server_version
+
+    params = parse_url(url)
+    with socket.create_connection((params.host, params.port), timeout=10) as s:
+        s.sendall(b"AMQP\x00\x00\x09\x01")
+        data = b""
+        while True:
+            chunk = s.recv(65536)
+            assert chunk, f"{params.url} closed the connection before connection.start"
+            data += chunk
+            try:
+                _, _, start = pamqp.frame.unmarshal(data)
+            except pamqp.exceptions.UnmarshalingException:
+                continue
+            break
+    assert isinstance(start, commands.Connection.Start), start
+    version = server_version(dict(start.server_properties or {}))
+    assert version is not None, f"{params.url} does not say its version"
+    return version
+
+
+@pytest.fixture(scope="session")
+def broker_version(broker_url: str) -> tuple[int, int, int]:
+    """The version of the tests' broker, e.g. ``(4, 3, 6)``."""
+    return read_broker_version(broker_url)
+
+
 @pytest.fixture(scope="session")
 def broker_ctl() -> None:
     """Skip the test when the broker is not ours to administer with rabbitmqctl."""
@@ -114,5 +149,4 @@ def own_node() -> Iterator[Node]:
         dev_broker(*node.args, "start")
         yield node
     finally:
-        dev_broker(*node.args, "stop", check=False)
-        shutil.rmtree(REPO / ".broker" / node.name, ignore_errors=True)
+        dev_broker(*node.args, "purge", check=False)

@@ -4,11 +4,13 @@ lifecycle commands do what they say."""
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pika
 import pytest
@@ -53,7 +55,7 @@ def private_node() -> Iterator[tuple[str, int]]:
 def _pid_of(name: str, port: int) -> str:
     status = dev_broker("--name", name, "--port", str(port), "status", check=False)
     assert status.returncode == 0, status.stdout + status.stderr
-    return status.stdout.split("(pid ")[1].rstrip(")\n")
+    return status.stdout.split("(pid ", 1)[1].split(")", 1)[0]
 
 
 @pytest.mark.slow
@@ -72,9 +74,43 @@ def test_start_twice_gives_one_broker_and_stop_stops_it(private_node: tuple[str,
     dev_broker(*args, "stop")
     status = dev_broker(*args, "status", check=False)
     assert status.returncode == 3
-    assert status.stdout.strip() == "stopped"
+    assert status.stdout.splitlines()[0] == "stopped"
     with socket.socket() as s:
         assert s.connect_ex(("127.0.0.1", port)) != 0, "the AMQP port still answers"
+
+
+@pytest.mark.slow
+def test_a_clone_the_broker_user_cannot_traverse_runs_a_node(tmp_path: Path) -> None:
+    """A root user clones into /root (mode 700): the node's files must live where user
+    rabbitmq reaches them, and start must print the URL alone on stdout."""
+    if external_broker_url() is not None:
+        pytest.skip("dev-broker starts nothing when STRICTCONSUME_URL/AMQP_URL is set")
+    private = tmp_path / "home"
+    (private / "clone" / "scripts").mkdir(parents=True)
+    private.chmod(0o700)
+    script = private / "clone" / "scripts" / "dev-broker"
+    shutil.copy(DEV_BROKER, script)
+    port = free_node_port()
+    args = (sys.executable, str(script), "--name", "private", "--port", str(port))
+    try:
+        started = subprocess.run(
+            [*args, "start"], capture_output=True, text=True, timeout=120, check=False
+        )
+        assert started.returncode == 0, started.stderr
+        assert started.stdout == f"amqp://guest:guest@127.0.0.1:{port}/\n"
+        directory = subprocess.run(
+            [*args, "dir"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        assert not directory.startswith(str(private)), directory
+        assert "/var/tmp/strictconsume/clone-" in directory, directory
+        status = subprocess.run([*args, "status"], capture_output=True, text=True, check=False)
+        assert status.returncode == 0, status.stdout + status.stderr
+        assert f"files: {directory}" in status.stdout.splitlines()
+        # Another clone's node of the same name is another node, in another directory.
+        assert directory != dev_broker("--name", "private", "dir").stdout.strip()
+    finally:
+        subprocess.run([*args, "purge"], capture_output=True, check=False, timeout=120)
+    assert not Path(directory).exists(), "purge leaves the node's directory behind"
 
 
 def test_taken_port_gives_a_clear_error_naming_it(private_node: tuple[str, int]) -> None:

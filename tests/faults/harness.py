@@ -555,7 +555,7 @@ class FaultRun:
 
 
 def beam_pid(node: Node) -> int:
-    """The pid of the node's ``beam.smp``, from ``.broker/NAME/rabbitmq.pid``.
+    """The pid of the node's ``beam.smp``, from ``rabbitmq.pid`` in its directory.
 
     RabbitMQ writes its own (the beam's) pid there (``RABBITMQ_PID_FILE``);
     ``scripts/dev-broker`` writes the pid of the process it started only when the file
@@ -563,7 +563,7 @@ def beam_pid(node: Node) -> int:
     So the pid is checked (a ``beam.smp`` whose environment names the node: the node
     name is not on its command line), and the beam looked up that way otherwise.
     """
-    from ..conftest import REPO
+    from ..conftest import dev_broker
 
     marker = f"RABBITMQ_NODENAME=strictconsume-{node.name}@".encode()
 
@@ -575,7 +575,7 @@ def beam_pid(node: Node) -> int:
             return False
         return comm == "beam.smp" and any(v.startswith(marker) for v in environ.split(b"\0"))
 
-    pid_file = REPO / ".broker" / node.name / "rabbitmq.pid"
+    pid_file = Path(dev_broker(*node.args, "dir").stdout.strip()) / "rabbitmq.pid"
     try:
         pid = int(pid_file.read_text().strip())
     except (OSError, ValueError):

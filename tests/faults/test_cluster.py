@@ -18,7 +18,6 @@ import collections
 import contextlib
 import datetime
 import json
-import shutil
 import signal
 import socket
 import subprocess
@@ -32,7 +31,7 @@ import attrs
 import pytest
 
 from ..amqp.oracle import get_from, pika_channel
-from ..conftest import REPO, external_broker_url, free_node_port
+from ..conftest import REPO, dev_broker, external_broker_url, free_node_port
 from ..processes import Consumer, Harness, Node, list_queue, message_count, publish
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
@@ -154,7 +153,7 @@ def cluster() -> Iterator[Cluster]:
     finally:
         c.run("stop", check=False)
         for n in c.numbers:
-            shutil.rmtree(REPO / ".broker" / c.node(n).name, ignore_errors=True)
+            dev_broker(*c.node(n).args, "purge", check=False)
 
 
 def start_stopped_nodes(cluster: Cluster) -> None:
