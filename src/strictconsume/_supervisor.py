@@ -46,6 +46,7 @@ from .amqp import (
     ConnectionClosed,
     ConnectionParameters,
     RemoteProtocolError,
+    UnsupportedSetting,
     connect,
 )
 
@@ -203,6 +204,8 @@ class Supervisor:
             return
         if isinstance(error, TopologyError):
             raise StartupError(str(error)) from error
+        if isinstance(error, UnsupportedSetting):
+            raise StartupError(f"{params.url}: {error}") from error
         if isinstance(error, ConnectionClosed) and error.reply_code in FATAL_REPLY_CODES:
             raise StartupError(str(error)) from error
         if isinstance(error, ChannelClosed) and error.reply_code == 403:

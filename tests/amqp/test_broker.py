@@ -44,11 +44,12 @@ from strictconsume.amqp import (
     MessageReturned,
     Properties,
     PublishNacked,
+    UnsupportedSetting,
     connect,
     parse_url,
 )
 
-from ..conftest import REPO, dev_broker, external_broker_url, free_node_port
+from ..conftest import dev_broker, external_broker_url, free_node_port
 from .oracle import Oracle
 
 pytestmark = [pytest.mark.broker, pytest.mark.anyio]
@@ -204,13 +205,23 @@ async def test_five_megabyte_bodies_round_trip_in_both_directions(
         assert await oracle.message_count(queue) == 0
 
 
+def least_frame_max(version: tuple[int, int, int]) -> int:
+    """The smallest frame_max the broker accepts: 8192 from RabbitMQ 4.1, else 4096."""
+    return 8192 if version[:2] >= (4, 1) else 4096
+
+
 async def test_bodies_at_frame_boundaries_round_trip_in_both_directions(
-    broker_url: str, oracle: Oracle, new_queue: Callable[[], str]
+    broker_url: str,
+    broker_version: tuple[int, int, int],
+    oracle: Oracle,
+    new_queue: Callable[[], str],
 ) -> None:
     queue = new_queue()
-    url = broker_url + ("&" if "?" in broker_url else "?") + "frame_max=4096"
+    least = least_frame_max(broker_version)
+    url = broker_url + ("&" if "?" in broker_url else "?") + f"frame_max={least}"
     async with connect(url) as conn, conn.channel(confirms=True) as ch:
-        assert conn.frame_max == 4096
+        assert conn.frame_max == least
+        assert conn.server_version == broker_version
         chunk = conn.frame_max - 8  # a body frame's 7 header bytes and its frame-end
         await ch.queue_declare(queue)
         for size in (0, 1, chunk - 1, chunk, chunk + 1, 2 * chunk, 2 * chunk + 1):
@@ -226,6 +237,23 @@ async def test_bodies_at_frame_boundaries_round_trip_in_both_directions(
             assert result is not None
             assert (size, result.body) == (size, theirs)
     assert await oracle.message_count(queue) == 0
+
+
+async def test_a_frame_max_below_the_brokers_least_is_refused_before_it_is_sent(
+    broker_url: str, broker_version: tuple[int, int, int]
+) -> None:
+    """RabbitMQ 4.1 and later drop the socket, without a reason, on a tune-ok with a
+    frame_max below 8192; the client says why instead, before sending it."""
+    url = broker_url + ("&" if "?" in broker_url else "?") + "frame_max=4096"
+    if least_frame_max(broker_version) == 4096:
+        async with connect(url) as conn:
+            assert conn.frame_max == 4096
+        return
+    with anyio.fail_after(10), pytest.raises(UnsupportedSetting) as info:
+        async with connect(url):
+            pytest.fail("connected with frame_max 4096")
+    assert "frame_max 4096 is below 8192" in str(info.value)
+    assert "this broker is " + ".".join(map(str, broker_version)) in str(info.value)
 
 
 # -- field tables -------------------------------------------------------------------------
@@ -722,8 +750,7 @@ def tls_node() -> Iterator[TLSNode]:
                 time.sleep(0.1)
         yield TLSNode(ca, tls_port)
     finally:
-        dev_broker(*node, "stop", check=False)
-        shutil.rmtree(REPO / ".broker" / name, ignore_errors=True)
+        dev_broker(*node, "purge", check=False)
         shutil.rmtree(directory, ignore_errors=True)
 
 

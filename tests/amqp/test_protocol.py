@@ -21,7 +21,11 @@ from pamqp.header import ContentHeader, ProtocolHeader
 from pamqp.heartbeat import Heartbeat
 
 import strictconsume
-from strictconsume.amqp._errors import LocalProtocolError, RemoteProtocolError
+from strictconsume.amqp._errors import (
+    LocalProtocolError,
+    RemoteProtocolError,
+    UnsupportedSetting,
+)
 from strictconsume.amqp._protocol import (
     ChannelCloseCompleted,
     ChannelClosedByBroker,
@@ -44,6 +48,7 @@ from strictconsume.amqp._protocol import (
     ProtocolConnection,
     PublishConfirmed,
     Returned,
+    server_version,
 )
 
 PROTOCOL_HEADER = b"AMQP\x00\x00\x09\x01"
@@ -329,6 +334,62 @@ def test_broker_frame_max_below_the_minimum_is_a_protocol_error() -> None:
     conn.receive_data(start_frame())
     with pytest.raises(RemoteProtocolError, match="frame_max 1024"):
         conn.receive_data(tune_frame(2047, 1024, 60))
+
+
+@pytest.mark.parametrize(
+    ("version", "expected"),
+    [
+        ("4.3.6", (4, 3, 6)),
+        (b"3.10.8", (3, 10, 8)),
+        ("4.1.0-rc.1", (4, 1, 0)),
+        ("3.13.7+2.g1234", (3, 13, 7)),
+        ("4.2", (4, 2, 0)),
+        ("4", (4, 0, 0)),
+        ("", None),
+        ("unknown", None),
+        (7, None),
+        (None, None),
+    ],
+)
+def test_server_version_is_read_from_connection_start(version: object, expected: object) -> None:
+    properties = {} if version is None else {"version": version}
+    assert server_version(properties) == expected
+
+
+@pytest.mark.parametrize("version", ["4.1.0", "4.3.6", "5.0.0"])
+def test_a_frame_max_the_broker_refuses_is_never_sent(version: str) -> None:
+    """RabbitMQ 4.1 raised the least frame_max to 8192 and closes the socket, without
+    a reason, on a tune-ok below it: the handshake stops at connection.start instead,
+    with an error naming the minimum, and sends nothing more."""
+    conn = new_connection(frame_max=4096)
+    conn.initiate()
+    conn.data_to_send()
+    with pytest.raises(UnsupportedSetting, match="frame_max 4096 is below 8192") as info:
+        conn.receive_data(start_frame(server_properties={**SERVER_PROPERTIES, "version": version}))
+    assert f"this broker is {version}" in str(info.value)
+    assert isinstance(info.value, LocalProtocolError)
+    assert conn.data_to_send() == b""
+    assert state_of(conn) is ConnectionState.CLOSED
+
+
+@pytest.mark.parametrize(
+    ("version", "frame_max"), [("4.0.5", 4096), ("3.10.8", 4096), ("4.3.6", 8192)]
+)
+def test_a_frame_max_the_broker_accepts_goes_through(version: str, frame_max: int) -> None:
+    conn = new_connection(frame_max=frame_max)
+    conn.initiate()
+    conn.data_to_send()
+    assert (
+        conn.receive_data(start_frame(server_properties={**SERVER_PROPERTIES, "version": version}))
+        == []
+    )
+    assert conn.server_version == server_version({"version": version})
+    conn.receive_data(tune_frame(2047, 131072, 60))
+    start_ok, tune_ok, open_ = (frame for _, frame in parse(conn.data_to_send()))
+    assert isinstance(start_ok, commands.Connection.StartOk)
+    assert isinstance(open_, commands.Connection.Open)
+    assert isinstance(tune_ok, commands.Connection.TuneOk)
+    assert tune_ok.frame_max == frame_max
 
 
 def test_external_mechanism_sends_an_empty_response() -> None:

@@ -61,6 +61,7 @@ from ._protocol import (
     ProtocolConnection,
     PublishConfirmed,
     Returned,
+    server_version,
 )
 from ._url import ConnectionParameters, parse_url
 from ._waiter import Waiter
@@ -163,6 +164,13 @@ class Connection:
     def heartbeat(self) -> int:
         """The negotiated heartbeat interval in seconds (0: none)."""
         return self._core.heartbeat
+
+    @property
+    def server_version(self) -> tuple[int, int, int] | None:
+        """The broker's version from connection.start, e.g. ``(4, 3, 6)``; None when
+        it does not say. Brokers of different versions differ in ways a consumer
+        meets (quorum delivery counts, consumer timeouts, limits)."""
+        return server_version(self.server_properties)
 
     @property
     def frame_max(self) -> int:

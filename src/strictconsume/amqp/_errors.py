@@ -80,6 +80,11 @@ class LocalProtocolError(AMQPError):
     """The caller used the client in a way the protocol or its state forbids."""
 
 
+class UnsupportedSetting(LocalProtocolError):
+    """A connection setting the broker cannot accept, found during the handshake
+    (for example a frame_max below the broker's minimum). Retrying cannot help."""
+
+
 class RemoteProtocolError(AMQPError):
     """The peer sent something that is not valid AMQP 0-9-1 at this point."""
 

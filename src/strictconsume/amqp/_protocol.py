@@ -102,7 +102,7 @@ from pamqp.body import ContentBody
 from pamqp.heartbeat import Heartbeat
 
 from ._codec import exact_floats
-from ._errors import AMQPError, LocalProtocolError, RemoteProtocolError
+from ._errors import AMQPError, LocalProtocolError, RemoteProtocolError, UnsupportedSetting
 
 if TYPE_CHECKING:
     from pamqp.common import FieldTable
@@ -129,6 +129,7 @@ __all__ = [
     "ProtocolConnection",
     "PublishConfirmed",
     "Returned",
+    "server_version",
 ]
 
 _FRAME_HEADER: Final = struct.Struct(">BHI")
@@ -145,6 +146,9 @@ _FRAME_MIN_SIZE: Final = constants.FRAME_MIN_SIZE
 _PRE_TUNE_FRAME_LIMIT: Final = 131072
 _CONNECTION_CLASS: Final = commands.Connection.frame_id
 _BASIC_CLASS: Final = commands.Basic.frame_id
+#: RabbitMQ 4.1 refuses a frame_max below 8192 in connection.tune-ok (it closes the
+#: socket without a reason); the AMQP minimum of 4096 holds for older brokers.
+_RABBITMQ_FRAME_MIN: Final = ((4, 1), 8192)
 _MAX_SHORT: Final = 65535
 _MAX_LONG: Final = 2**32 - 1
 _MAX_LONGLONG: Final = 2**64 - 1
@@ -206,6 +210,36 @@ class Credentials:
 
     username: str
     password: str = attrs.field(repr=False)
+
+
+def server_version(server_properties: dict[str, object]) -> tuple[int, int, int] | None:
+    """The ``version`` of connection.start's server properties as numbers.
+
+    RabbitMQ sends ``"4.3.6"`` (a long string, bytes or str after decoding); a
+    pre-release suffix (``"4.1.0-rc.1"``, ``"3.13.7+2"``) is ignored. None when the
+    property is missing or does not start with a number.
+    """
+    value = server_properties.get("version")
+    if isinstance(value, bytes | bytearray):
+        value = value.decode("ascii", "replace")
+    if not isinstance(value, str):
+        return None
+    numbers: list[int] = []
+    for part in value.split(".")[:3]:
+        digits = ""
+        for char in part:
+            if not char.isascii() or not char.isdigit():
+                break
+            digits += char
+        if not digits:
+            break
+        numbers.append(int(digits))
+        if len(digits) != len(part):
+            break
+    if not numbers:
+        return None
+    major, minor, patch = (*numbers, 0, 0)[:3]
+    return (major, minor, patch)
 
 
 # Events ---------------------------------------------------------------------------
@@ -527,6 +561,12 @@ class ProtocolConnection:
     def server_properties(self) -> dict[str, object]:
         """The broker's properties from connection.start (empty before it)."""
         return self._server_properties
+
+    @property
+    def server_version(self) -> tuple[int, int, int] | None:
+        """The broker's version from connection.start (``(4, 3, 6)``), or None
+        before it or when the broker does not say."""
+        return server_version(self._server_properties)
 
     @property
     def channel_max(self) -> int:
@@ -1342,6 +1382,15 @@ class ProtocolConnection:
                 "certificate)"
             )
         self._server_properties = dict[str, object](start.server_properties or {})
+        version = self.server_version
+        (since, least) = _RABBITMQ_FRAME_MIN
+        if version is not None and version[:2] >= since and self._frame_max < least:
+            raise UnsupportedSetting(
+                f"frame_max {self._frame_max} is below {least}, the least RabbitMQ "
+                f"{'.'.join(map(str, since))} and later accept (this broker is "
+                f"{'.'.join(map(str, version))}): ask for frame_max={least} or more, or "
+                "leave frame_max out"
+            )
         if self._auth_mechanism == "PLAIN":
             assert self._credentials is not None
             response = f"\0{self._credentials.username}\0{self._credentials.password}"
