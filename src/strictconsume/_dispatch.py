@@ -641,6 +641,9 @@ class Dispatcher:
                     await self._publish_dead_letter(msg, outcome)
                 published = True
             except AMQPError as exc:
+                if isinstance(exc, ChannelClosed) and exc.message_too_large:
+                    # over the broker's max_message_size: no retry will help
+                    return await self._reject_uncopyable(state, msg, exc)
                 logger.error(
                     "queue %r: could not publish message %r (delivery_tag %d) to its %s "
                     "queue: %s; it goes back to the queue",
@@ -651,17 +654,7 @@ class Dispatcher:
                     exc,
                 )
             except ValueError as exc:  # the copy cannot be encoded: no retry will help
-                logger.error(
-                    "queue %r: message %r (delivery_tag %d) cannot be copied: %s; it is "
-                    "rejected, so the broker dead-letters it as it is (without x-error "
-                    "headers)",
-                    self.queue,
-                    msg.message_id,
-                    tag,
-                    exc,
-                )
-                await state.reject(tag)
-                return Outcome(OutcomeKind.DEAD_LETTER, error_type=error_type(exc))
+                return await self._reject_uncopyable(state, msg, exc)
         if not published:
             if state.ch.is_open:  # a live broker refused the copy: do not spin on it
                 await anyio.sleep(SETTLE_FAILURE_PAUSE)
@@ -670,6 +663,24 @@ class Dispatcher:
             return Outcome(OutcomeKind.REQUEUE, error_type=outcome.error_type)
         await state.acked(tag)
         return outcome
+
+    async def _reject_uncopyable(
+        self, state: _ChannelState, msg: Message, exc: Exception
+    ) -> Outcome:
+        """A copy of ``msg`` can never be published (it cannot be encoded, or it is
+        larger than the broker accepts): reject the original, so that the broker
+        dead-letters it as it is, instead of requeueing it forever."""
+        logger.error(
+            "queue %r: message %r (delivery_tag %d) cannot be copied: %s; it is "
+            "rejected, so the broker dead-letters it as it is (without x-error "
+            "headers)",
+            self.queue,
+            msg.message_id,
+            msg.delivery_tag,
+            exc,
+        )
+        await state.reject(msg.delivery_tag)
+        return Outcome(OutcomeKind.DEAD_LETTER, error_type=error_type(exc))
 
     async def _publish_retry(self, msg: Message, outcome: Outcome) -> None:
         assert outcome.delay is not None

@@ -633,6 +633,51 @@ async def test_a_nacked_retry_copy_requeues_the_original_instead_of_acking(
     assert recorder.outcomes == [("orders", OutcomeKind.REQUEUE)]
 
 
+async def test_a_copy_over_the_brokers_size_limit_rejects_the_original(
+    anyio_backend: Any,
+) -> None:
+    """RabbitMQ 4.0 refuses a publish over its max_message_size (16 MiB by default)
+    by closing the channel with 406. Publishing the same copy again can never work:
+    the original is rejected (the broker dead-letters it as it is), not requeued into
+    a loop."""
+    shutdown = Shutdown()
+
+    async def handler(msg: Message) -> None:
+        raise Reject("not wanted")
+
+    async def script(broker: FakeBroker) -> None:
+        [tag] = await serve_startup(broker, [spec])
+        await broker.deliver(FIRST_CONSUMER_CHANNEL, tag, 1, b"large")
+        method, _ = await broker.expect_publish(PUBLISH_CHANNEL)
+        assert method.routing_key == "orders.dlq"
+        await broker.send(
+            PUBLISH_CHANNEL,
+            commands.Channel.Close(
+                406,
+                "PRECONDITION_FAILED - message size 16777217 is larger than configured "
+                "max size 16777216",
+                60,
+                40,
+            ),
+        )
+        await broker.expect(commands.Channel.CloseOk, PUBLISH_CHANNEL)
+        nack = await broker.expect(commands.Basic.Nack, FIRST_CONSUMER_CHANNEL)
+        assert (nack.delivery_tag, nack.multiple, nack.requeue) == (1, False, False)
+        shutdown.request(5.0)
+        frames = await serve_until_closed(broker)
+        assert not {"Basic.Ack", "Basic.Nack"} & {name for _, name in frames}
+        assert frames[-1] == (0, "Connection.Close")
+
+    spec = spec_for(handler)
+    recorder = Recorder()
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            await make_supervisor(
+                Connector(tg, [script]), [spec], shutdown=shutdown, recorder=recorder
+            ).run()
+    assert recorder.outcomes == [("orders", OutcomeKind.DEAD_LETTER)]
+
+
 @autojump()
 async def test_broker_cancel_resubscribes_after_backoff_and_redeclares(
     anyio_backend: Any,

@@ -93,6 +93,28 @@ class ConnectionLost(AMQPError):
     """The connection to the broker broke without a connection.close."""
 
 
+# Advice for a reply whose text says more than its code, checked before _ADVICE:
+# (reply code, what the reply text contains, the advice).
+_TEXT_ADVICE: tuple[tuple[int, str, str], ...] = (
+    (
+        406,
+        "larger than configured max size",
+        "the message is larger than the broker's max_message_size (16 MiB by default "
+        "from RabbitMQ 4.0, 128 MiB before): send a smaller body (store large payloads "
+        "elsewhere and send a reference), or raise max_message_size on the broker",
+    ),
+    (
+        541,
+        "transient_nonexcl_queues",
+        "this broker refuses transient non-exclusive queues (a feature RabbitMQ 4.3 "
+        "deprecates): declare the queue durable",
+    ),
+)
+
+#: The broker's reply text when a publish exceeds its max_message_size (406).
+_TOO_LARGE_TEXT = _TEXT_ADVICE[0][1]
+
+
 class _ReplyError(AMQPError):
     """An error that carries the broker's reply code and text."""
 
@@ -124,7 +146,14 @@ class _ReplyError(AMQPError):
         text = f"{self._what()}: {self.reply_code} {self.reply_text or self.reply_name}"
         if self.context:
             text = f"{text} ({self.context})"
-        advice = _ADVICE.get(self.reply_code)
+        advice = next(
+            (
+                advice
+                for code, contains, advice in _TEXT_ADVICE
+                if code == self.reply_code and contains in self.reply_text
+            ),
+            _ADVICE.get(self.reply_code),
+        )
         if advice:
             text = f"{text}; {advice}"
         return text
@@ -152,6 +181,12 @@ class ChannelClosed(_ReplyError):
     ) -> None:
         self.channel_id = channel_id
         super().__init__(reply_code, reply_text, class_id, method_id, context=context)
+
+    @property
+    def message_too_large(self) -> bool:
+        """The broker refused a publish larger than its max_message_size: sending the
+        same body again cannot succeed."""
+        return self.reply_code == 406 and _TOO_LARGE_TEXT in self.reply_text
 
     def _what(self) -> str:
         return f"the broker closed channel {self.channel_id}"
