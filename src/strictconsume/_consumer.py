@@ -202,10 +202,10 @@ def consumer(
         durable: Declare the queue durable (default) so it survives a broker restart.
         concurrency: Run at most this many handlers at once (at most ``prefetch``).
         arguments: Extra queue arguments, such as ``{"x-max-length": 10000}``.
-        delivery_limit: Quorum queues only: how often one message may be delivered
-            and returned (requeued, or its handler's connection lost) before the broker
-            dead-letters it to ``.dlq``; default 20, 0 for no limit. ``msg.attempt``
-            counts these deliveries there (``x-delivery-count``).
+        delivery_limit: Quorum queues only: how often one message may be returned
+            to the queue before the broker dead-letters it to ``.dlq``; default 20, 0
+            for no limit. The broker counts a lost connection, and before RabbitMQ 4.3
+            a requeue too; ``msg.attempt`` counts these returns (``x-delivery-count``).
     """
 
     def decorate(handler: H) -> H:

@@ -35,7 +35,7 @@ from ._acks import AckTracker
 from ._backoff import DEFAULT_BACKOFF, Backoff
 from ._message import (
     ATTEMPT_HEADER,
-    DELIVERY_COUNT_HEADER,
+    BROKER_COUNT_HEADERS,
     ORIGINAL_EXCHANGE_HEADER,
     ORIGINAL_ROUTING_KEY_HEADER,
     Message,
@@ -319,9 +319,10 @@ def dead_letter_headers(msg: Message, outcome: Outcome) -> FieldTable:
 def copy_headers(original: FieldTable | None, headers: FieldTable) -> FieldTable:
     """The headers of a retry or dead-letter copy: the original's, updated."""
     merged = dict(original or {})
-    # The copy is a new message: the broker's count of the original's deliveries is
+    # The copy is a new message: the broker's counts of the original's deliveries are
     # in its x-attempt already, and would otherwise be counted again.
-    merged.pop(DELIVERY_COUNT_HEADER, None)
+    for name in BROKER_COUNT_HEADERS:
+        merged.pop(name, None)
     merged.update(headers)
     return merged
 

@@ -14,7 +14,9 @@ if TYPE_CHECKING:
     from .amqp import Delivery, Properties
 
 __all__ = [
+    "ACQUIRED_COUNT_HEADER",
     "ATTEMPT_HEADER",
+    "BROKER_COUNT_HEADERS",
     "DELIVERY_COUNT_HEADER",
     "ORIGINAL_EXCHANGE_HEADER",
     "ORIGINAL_ROUTING_KEY_HEADER",
@@ -26,8 +28,15 @@ __all__ = [
 #: The attempt number a retried copy carries (1 on the first delivery, absent there).
 ATTEMPT_HEADER = "x-attempt"
 #: Set by quorum queues on a redelivery: how often the message was returned to the
-#: queue (a requeue, a lost channel) before this delivery.
+#: queue before this delivery (before RabbitMQ 4.3 every return; from 4.3 failed
+#: deliveries only: a lost channel or connection, a basic.reject; see _versions).
 DELIVERY_COUNT_HEADER = "x-delivery-count"
+#: Set by quorum queues from RabbitMQ 4.3 on a redelivery: every return to the queue
+#: (where ``x-delivery-count`` counts the failed ones only).
+ACQUIRED_COUNT_HEADER = "x-acquired-count"
+#: The broker's counts of one message's deliveries: a copy is a new message, so
+#: retry and dead-letter copies drop them (``x-attempt`` holds what counts).
+BROKER_COUNT_HEADERS = (DELIVERY_COUNT_HEADER, ACQUIRED_COUNT_HEADER)
 #: Where a message was first published; a retried copy travels through the retry
 #: queue with a different exchange and routing key, so the original ones ride along.
 ORIGINAL_EXCHANGE_HEADER = "x-original-exchange"
@@ -84,7 +93,8 @@ class Message:
     also on a retried copy (which reaches the queue again through its retry queue).
     ``attempt`` is 1 on the first delivery and counts retries. On a classic queue a
     requeue (``Requeue``, a shutdown, a lost connection) does not count as an attempt;
-    on a quorum queue it does, since the broker counts it (``x-delivery-count``).
+    on a quorum queue what the broker counts in ``x-delivery-count`` does: a lost
+    connection always, a ``Requeue`` before RabbitMQ 4.3 only.
     """
 
     body: bytes

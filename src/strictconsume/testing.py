@@ -17,8 +17,10 @@ package (pamqp encodes a ``float`` as single precision; ``bytes`` arrive as
 ``bytearray``). :func:`run_handler_sync` is the same for tests that are not async.
 
 Not modelled: what the broker does on its own, such as a quorum queue's delivery
-limit dead-lettering a message that was requeued too often (``delivery_count=``
-sets the ``x-delivery-count`` a redelivery would carry).
+limit dead-lettering a message that was returned too often. ``delivery_count=`` sets
+the ``x-delivery-count`` a redelivery would carry; what raises it depends on the
+broker: a lost connection always, a ``Requeue`` before RabbitMQ 4.3 only (from 4.3
+a requeue leaves it, and the attempt, as they were).
 """
 
 from __future__ import annotations

@@ -1,18 +1,20 @@
 """Quorum queues against a real RabbitMQ: ``queue_type="quorum"``, ``delivery_limit``
-and ``msg.attempt`` counting the broker's ``x-delivery-count``.
+and ``msg.attempt`` counting the broker's ``x-delivery-count``, on each version.
 
-What RabbitMQ 3.10 (Debian's 3.10.8) does, observed with pika and asserted below:
+What the brokers do, observed with pika and asserted below:
 
-- ``x-delivery-count`` is absent on a message's first delivery through basic.consume.
-  Every return to the queue (a nack with requeue, or the channel or connection lost
-  with the message unacked) counts, and the next delivery carries the returns so far
-  (1, 2, ...), with ``redelivered`` set.
-- ``x-delivery-limit = N`` allows N returns: the message is delivered N + 1 times, and
-  its (N + 1)-th return dead-letters it instead of requeueing it (limit 2: three
-  deliveries). The dead letter goes where the queue's ``x-dead-letter-*`` arguments
-  say, with an ``x-death`` entry of reason ``delivery_limit`` and
-  ``x-first-death-reason = delivery_limit``; read with basic.get from the ``.dlq``
-  (a quorum queue too) it carries ``x-delivery-count = 0``.
+- ``x-delivery-count`` is absent on a message's first delivery through basic.consume,
+  and counts returns to the queue on later deliveries (with ``redelivered`` set).
+- Before RabbitMQ 4.3 every return counts: a nack or reject with requeue, or the
+  channel or connection lost with the message unacked. From 4.3 only a failure
+  counts (a reject with requeue, a lost channel or connection); a nack with requeue
+  (what ``sc.Requeue`` sends) does not, and the broker counts every return in
+  ``x-acquired-count`` instead (``strictconsume._versions.nack_counts_as_delivery``).
+- ``x-delivery-limit = N`` allows N counted returns: the (N + 1)-th dead-letters the
+  message instead of requeueing it. The dead letter goes where the queue's
+  ``x-dead-letter-*`` arguments say, with an ``x-death`` entry of reason
+  ``delivery_limit``. Read with basic.get from the ``.dlq`` (a quorum queue too) it
+  carries ``x-delivery-count = 0`` before 4.3, and no such header from 4.3.
 - ``x-delivery-limit`` is part of the redeclare equivalence check: declaring the queue
   again with another limit, or without one, is refused with 406.
 
@@ -35,6 +37,7 @@ import attrs
 import pytest
 
 import strictconsume as sc
+from strictconsume._versions import nack_counts_as_delivery
 
 from ..amqp.oracle import Oracle, OracleMessage
 from ..conftest import dev_broker, external_broker_url
@@ -257,8 +260,8 @@ async def test_existing_quorum_queue_without_a_limit_needs_delivery_limit_0(
 # -- 2. msg.attempt counts the broker's redeliveries ----------------------------------
 
 
-async def test_attempt_counts_requeues_on_a_quorum_queue(
-    broker_url: str, oracle: Oracle, names: Names
+async def test_attempt_and_requeues_on_a_quorum_queue(
+    broker_url: str, broker_version: tuple[int, int, int], oracle: Oracle, names: Names
 ) -> None:
     queue = names.queue()
     app = sc.App(url=broker_url, grace_period=GRACE)
@@ -283,8 +286,12 @@ async def test_attempt_counts_requeues_on_a_quorum_queue(
 
         await wait_until(acked, what="the message acked")
 
-    # the first delivery has no x-delivery-count; each requeue adds one
-    assert seen == [(1, False, None), (2, True, 1), (3, True, 2)]
+    if nack_counts_as_delivery(broker_version):
+        # before 4.3 the first delivery has no x-delivery-count; each requeue adds one
+        assert seen == [(1, False, None), (2, True, 1), (3, True, 2)]
+    else:
+        # from 4.3 a requeue (basic.nack) is not a failure: no count, no attempt
+        assert seen == [(1, False, None), (1, True, None), (1, True, None)]
     assert await depths(oracle, queue, (200,)) == empty(queue, (200,))
     await assert_nothing_unacked(queue)
     assert app.outcomes[queue, "requeue"] == 2
@@ -294,12 +301,37 @@ async def test_attempt_counts_requeues_on_a_quorum_queue(
 # -- 3. the broker enforces the delivery limit ------------------------------------------
 
 
-async def test_broker_dead_letters_after_the_delivery_limit(
-    broker_url: str, oracle: Oracle, names: Names
+def assert_dead_lettered_by_the_broker(
+    headers: dict[str, Any], queue: str, version: tuple[int, int, int], returns: int
 ) -> None:
+    """Dead-lettered by the broker's delivery limit after ``returns`` counted returns,
+    not by strictconsume: an ``x-death`` entry, no ``x-error-*`` and no ``x-attempt``."""
+    assert _death(headers) == [(queue, "delivery_limit")]
+    assert headers["x-death"][0]["count"] == 1
+    assert headers["x-death"][0]["routing-keys"] == [queue]
+    assert headers["x-first-death-reason"] == "delivery_limit"
+    assert headers["x-first-death-queue"] == queue
+    if nack_counts_as_delivery(version):
+        # read with basic.get from the quorum .dlq, which counts from 0 again
+        assert headers["x-delivery-count"] == 0
+    else:
+        # from 4.3 the dead letter keeps the counts it reached
+        assert (headers["x-delivery-count"], headers["x-acquired-count"]) == (returns, returns)
+    assert not [name for name in headers if name.startswith("x-error-")]
+    assert "x-attempt" not in headers
+
+
+async def test_requeues_and_the_delivery_limit(
+    broker_url: str, broker_version: tuple[int, int, int], oracle: Oracle, names: Names
+) -> None:
+    """Before 4.3 a handler that always raises ``Requeue`` meets the delivery limit
+    (limit 2: three deliveries, then the broker dead-letters the message); from 4.3 a
+    requeue does not count, so it goes on until the handler acks."""
     queue = names.queue()
     app = sc.App(url=broker_url, grace_period=GRACE)
     seen: list[tuple[int, bool]] = []
+    counts = nack_counts_as_delivery(broker_version)
+    done = anyio.Event()
 
     @app.consumer(
         queue,
@@ -310,46 +342,89 @@ async def test_broker_dead_letters_after_the_delivery_limit(
     )
     async def handle(msg: sc.Message) -> None:
         seen.append((msg.attempt, msg.redelivered))
-        raise sc.Requeue()
+        if len(seen) < 5:
+            raise sc.Requeue()
+        done.set()
 
     async with app.running():
-        await oracle.publish(queue, b"never done", headers={"k": "v"})
-        await wait_for_count(oracle, f"{queue}.dlq", 1)
-        await anyio.sleep(0.5)  # a fourth delivery would show up by now
+        await oracle.publish(queue, b"back and back", headers={"k": "v"})
+        if counts:
+            await wait_for_count(oracle, f"{queue}.dlq", 1)
+            await anyio.sleep(0.5)  # a fourth delivery would show up by now
+        else:
+            with anyio.fail_after(DEADLINE):
+                await done.wait()
 
-    # RabbitMQ 3.10: limit 2 allows two returns, so three deliveries; the third
-    # return (x-delivery-count would become 3 > 2) dead-letters the message instead.
+    await assert_nothing_unacked(queue)
+    if not counts:
+        assert seen == [(1, False)] + [(1, True)] * 4
+        assert (app.outcomes[queue, "requeue"], app.outcomes[queue, "ack"]) == (4, 1)
+        assert await depths(oracle, queue, (200,)) == empty(queue, (200,))
+        return
+    # limit 2 allows two returns, so three deliveries; the third return (the count
+    # would become 3 > 2) dead-letters the message instead.
     assert seen == [(1, False), (2, True), (3, True)]
     assert await depths(oracle, queue, (200,)) == {**empty(queue, (200,)), f"{queue}.dlq": 1}
-    await assert_nothing_unacked(queue)
     assert app.outcomes[queue, "requeue"] == 3
     dead = await get_dead_letter(oracle, queue)
-    assert dead.body == b"never done"
+    assert dead.body == b"back and back"
     headers = dead.headers or {}
-    # dead-lettered by the broker, not by strictconsume: x-death, no x-error-*
-    assert _death(headers) == [(queue, "delivery_limit")]
-    assert headers["x-death"][0]["count"] == 1
-    assert headers["x-death"][0]["routing-keys"] == [queue]
-    assert headers["x-first-death-reason"] == "delivery_limit"
-    assert headers["x-first-death-queue"] == queue
     assert headers["k"] == "v"
-    # read with basic.get from the quorum .dlq, which counts from 0 again
-    assert headers["x-delivery-count"] == 0
-    assert not [name for name in headers if name.startswith("x-error-")]
-    assert "x-attempt" not in headers
+    assert_dead_lettered_by_the_broker(headers, queue, broker_version, returns=3)
+
+
+async def test_lost_connections_reach_the_delivery_limit(
+    broker_url: str,
+    broker_version: tuple[int, int, int],
+    broker_ctl: None,
+    oracle: Oracle,
+    names: Names,
+) -> None:
+    """On every version a message whose handler's connection is lost counts as a
+    failed delivery: limit 1 dead-letters it at its second such loss (a consumer that
+    crashes on a message cannot loop forever)."""
+    queue = names.queue()
+    app = sc.App(url=broker_url, grace_period=GRACE)
+    seen: list[tuple[int, bool]] = []
+    running = anyio.Event()
+    never = anyio.Event()
+
+    @app.consumer(queue, queue_type="quorum", delivery_limit=1, retry=RETRY, timeout=30.0)
+    async def handle(msg: sc.Message) -> None:
+        seen.append((msg.attempt, msg.redelivered))
+        running.set()
+        await never.wait()
+
+    async with app.running():
+        await oracle.publish(queue, b"crashes its consumer", headers={"k": "v"})
+        for _ in range(2):
+            with anyio.fail_after(DEADLINE):
+                await running.wait()
+            running = anyio.Event()
+            await close_all_connections()
+        await wait_for_count(oracle, f"{queue}.dlq", 1)
+
+    assert seen == [(1, False), (2, True)]
+    assert app.outcomes[queue, "cancelled"] == 2
+    await assert_nothing_unacked(queue)
+    dead = await get_dead_letter(oracle, queue)
+    assert (dead.body, (dead.headers or {}).get("k")) == (b"crashes its consumer", "v")
+    assert_dead_lettered_by_the_broker(dict(dead.headers or {}), queue, broker_version, returns=2)
 
 
 # -- 4. a retry copy starts afresh --------------------------------------------------------
 
 
 async def test_retry_copy_does_not_carry_the_delivery_count(
-    broker_url: str, oracle: Oracle, names: Names
+    broker_url: str, broker_version: tuple[int, int, int], oracle: Oracle, names: Names
 ) -> None:
-    """Requeued once (x-delivery-count 1, attempt 2), then failed: the retry copy has
-    x-attempt 3 and no x-delivery-count, so it is attempt 3 (4 if the count stuck).
+    """Requeued once, then failed: the retry copy starts afresh from its x-attempt and
+    carries no x-delivery-count.
 
-    On a quorum queue the requeue counted as attempt 1 of the retry policy, so the
-    failure of attempt 2 waits the second delay (0.2 s), not the first (0.1 s)."""
+    Before 4.3 the requeue counted (x-delivery-count 1): the failure is attempt 2, it
+    waits the second delay (0.2 s), and the copy is attempt 3 (4 had the count stuck).
+    From 4.3 the requeue does not count: the failure is attempt 1, it waits the first
+    delay (0.1 s), and the copy is attempt 2."""
     queue = names.queue()
     app = sc.App(url=broker_url, grace_period=GRACE)
     seen: list[tuple[int, bool, object, object, list[tuple[str, str]]]] = []
@@ -384,12 +459,19 @@ async def test_retry_copy_does_not_carry_the_delivery_count(
 
         await wait_until(acked, what="the copy acked")
 
-    assert seen == [
-        (1, False, None, None, []),
-        (2, True, 1, None, []),
-        # the copy: a new message to the quorum queue, back from <queue>.retry.200
-        (3, False, None, 3, [(f"{queue}.retry.200", "expired")]),
-    ]
+    if nack_counts_as_delivery(broker_version):
+        assert seen == [
+            (1, False, None, None, []),
+            (2, True, 1, None, []),
+            # the copy: a new message to the quorum queue, back from <queue>.retry.200
+            (3, False, None, 3, [(f"{queue}.retry.200", "expired")]),
+        ]
+    else:
+        assert seen == [
+            (1, False, None, None, []),
+            (1, True, None, None, []),
+            (2, False, None, 2, [(f"{queue}.retry.100", "expired")]),
+        ]
     assert await depths(oracle, queue, RETRY_MS) == empty(queue, RETRY_MS)
     await assert_nothing_unacked(queue)
     assert app.outcomes[queue, "requeue"] == 1
@@ -397,11 +479,13 @@ async def test_retry_copy_does_not_carry_the_delivery_count(
     assert app.outcomes[queue, "ack"] == 1
 
 
-async def test_requeue_uses_up_an_attempt_of_the_retry_policy(
-    broker_url: str, oracle: Oracle, names: Names
+async def test_what_a_requeue_costs_of_the_retry_policy(
+    broker_url: str, broker_version: tuple[int, int, int], oracle: Oracle, names: Names
 ) -> None:
-    """With one retry delay, a requeue and then a failure dead-letters: the failure is
-    attempt 2 of 2 on a quorum queue. The dead letter has no x-delivery-count."""
+    """With one retry delay: before 4.3 a requeue uses up an attempt, so a requeue and
+    then a failure dead-letters (the failure is attempt 2 of 2); from 4.3 it does not,
+    so the failure is retried once more first. The dead letter has the copy's
+    headers, not the original's x-delivery-count."""
     queue = names.queue()
     app = sc.App(url=broker_url, grace_period=GRACE)
     seen: list[int] = []
@@ -418,7 +502,7 @@ async def test_requeue_uses_up_an_attempt_of_the_retry_policy(
         await wait_for_count(oracle, f"{queue}.dlq", 1)
         await anyio.sleep(0.4)  # a retry would be back after 0.2 s
 
-    assert seen == [1, 2]
+    assert seen == ([1, 2] if nack_counts_as_delivery(broker_version) else [1, 1, 2])
     assert await depths(oracle, queue, (200,)) == {**empty(queue, (200,)), f"{queue}.dlq": 1}
     await assert_nothing_unacked(queue)
     dead = await get_dead_letter(oracle, queue)
@@ -427,9 +511,16 @@ async def test_requeue_uses_up_an_attempt_of_the_retry_policy(
     assert headers["x-error-message"] == "fails on attempt 2"
     assert headers["x-attempt"] == 2
     assert headers["x-failed-queue"] == queue
-    # the copy drops the original's count (1); the quorum .dlq's basic.get adds its 0
-    assert headers["x-delivery-count"] == 0
-    assert "x-death" not in headers
+    # the copy drops the original's count; the quorum .dlq's basic.get adds its 0
+    # before 4.3
+    assert "x-acquired-count" not in headers
+    if nack_counts_as_delivery(broker_version):
+        assert headers["x-delivery-count"] == 0
+        assert "x-death" not in headers  # the original failed twice
+    else:
+        assert "x-delivery-count" not in headers
+        # the retry copy failed: it came back through its retry queue
+        assert _death(headers) == [(f"{queue}.retry.200", "expired")]
 
 
 # -- 5. a lost connection counts too --------------------------------------------------------
