@@ -54,6 +54,8 @@ import pika
 import pytest
 
 import strictconsume as sc
+import strictconsume.amqp
+from strictconsume._versions import max_message_size
 
 from ..amqp.oracle import Oracle, OracleMessage, get_from, pika_channel
 from ..amqp.test_broker import ORACLE_HEADERS, OUR_HEADERS, _exact, _single
@@ -420,16 +422,23 @@ def _memory_mb(pid: int) -> dict[str, float]:
     return found
 
 
+def large_body_size(version: tuple[int, int, int]) -> int:
+    """50 MB where the broker takes it (its default max_message_size is 128 MiB before
+    RabbitMQ 4.0), else 1 MiB below the 16 MiB default of 4.0 and later."""
+    return min(50 * 1024 * 1024, max_message_size(version) - 1024 * 1024)
+
+
 @pytest.mark.slow
 @BACKENDS
 def test_a_50_mb_body_is_handled_and_its_dead_letter_copy_is_whole(
-    harness: Harness, backend: str
+    harness: Harness, backend: str, broker_version: tuple[int, int, int]
 ) -> None:
-    """Case 3: a 50 MB body, far larger than frame_max (128 KiB: some 400 body
-    frames), is assembled, handled and acked; a second one that fails is copied whole
-    (split into frames again) to the .dlq. The process's peak RSS grows by a small
-    multiple of the body, not without bound (the bound asserted: 5x per body)."""
-    size = 50 * 1024 * 1024
+    """Case 3: a 50 MB body (15 MiB from RabbitMQ 4.0, whose default limit is
+    16 MiB), far larger than frame_max (128 KiB: some 400 or 120 body frames), is
+    assembled, handled and acked; a second one that fails is copied whole (split into
+    frames again) to the .dlq. The process's peak RSS grows by a small multiple of
+    the body, not without bound (the bound asserted: 5x per body)."""
+    size = large_body_size(broker_version)
     consumer = harness.start(backend, "--grace-period", "5", target=TARGET)
     consumer.wait_for(lambda: consumer.log_count("ready: consuming") == 1, 15, "ready line")
     before = _memory_mb(consumer.proc.pid)
@@ -469,6 +478,36 @@ def test_a_50_mb_body_is_handled_and_its_dead_letter_copy_is_whole(
     code, _ = consumer.wait_exit(15)
     assert code == 0, consumer.tail()
     assert "Traceback" not in consumer.log()
+
+
+@pytest.mark.anyio
+async def test_a_body_over_the_brokers_limit_is_refused_with_the_reason(
+    broker_url: str, broker_version: tuple[int, int, int], queues: Queues
+) -> None:
+    """Case 3, from RabbitMQ 4.0: a 50 MB publish exceeds the default max_message_size
+    of 16 MiB. The broker closes the publishing channel with 406; ``publish`` raises
+    it with advice that names the limit, nothing reaches the queue, and the publisher
+    goes on with the next message. (Before 4.0 the default limit is 128 MiB, which the
+    case above stays below.)"""
+    if max_message_size(broker_version) > 50 * 1024 * 1024:
+        pytest.skip(f"RabbitMQ {broker_version} takes 50 MB by default")
+    oracle = Oracle(broker_url)
+    queue = queues.new()
+    await oracle.declare(queue)
+    app = sc.App(url=broker_url, grace_period=GRACE)
+    async with app.publisher() as pub:
+        with pytest.raises(sc.amqp.ChannelClosed) as info:
+            await pub.publish(os.urandom(50 * 1024 * 1024), routing_key=queue)
+        await pub.publish(b"small", routing_key=queue)
+    error = info.value
+    assert error.reply_code == 406
+    assert error.message_too_large
+    assert "larger than configured max size 16777216" in str(error)
+    assert "max_message_size" in str(error)
+    assert "arguments differ" not in str(error)
+    seen = await oracle.get(queue)
+    assert seen is not None
+    assert (seen.body, seen.message_count) == (b"small", 0)
 
 
 # -- 5. headers of every field-table type ----------------------------------------------------------
