@@ -209,6 +209,8 @@ def test_python_values_get_a_type_every_client_reads(value: Any, wire: bytes) ->
         (decimal.Decimal("1E-300"), "cannot be encoded"),
         (decimal.Decimal(2**31), "cannot be encoded"),
         (decimal.Decimal("NaN"), "cannot be encoded"),
+        (float("inf"), "RabbitMQ cannot carry"),
+        (float("nan"), "RabbitMQ cannot carry"),
     ],
 )
 def test_values_beyond_amqp_are_a_value_error(value: Any, message: str) -> None:

@@ -47,6 +47,7 @@ from __future__ import annotations
 import calendar
 import datetime
 import decimal
+import math
 import struct
 import time
 from collections.abc import Callable, Mapping
@@ -361,8 +362,9 @@ def encode_value(value: object) -> bytes:
     ints in the smallest signed type, ``bytes`` and ``bytearray`` as 'x').
 
     Raises:
-        ValueError: an int beyond 64 signed bits, a Decimal beyond AMQP's range, a
-            string longer than 4 GiB.
+        ValueError: an int beyond 64 signed bits, an infinite or NaN float (RabbitMQ
+            closes the channel on one), a Decimal beyond AMQP's range, a string longer
+            than 4 GiB.
         TypeError: a value of a type AMQP has no field type for.
     """
     if isinstance(value, str):
@@ -380,6 +382,8 @@ def encode_value(value: object) -> bytes:
             return b"l" + pamqp_encode.long_long_int(value)
         raise ValueError(f"the int {value} is beyond the 64 signed bits AMQP can carry")
     if isinstance(value, float):
+        if not math.isfinite(value):  # RabbitMQ fails the channel (541) on reading one
+            raise ValueError(f"RabbitMQ cannot carry the float {value} in a header")
         return b"d" + pamqp_encode.double(value)
     if isinstance(value, dict):
         return b"F" + encode_table(value)
