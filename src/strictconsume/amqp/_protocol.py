@@ -1171,8 +1171,8 @@ class ProtocolConnection:
             class_id, body_size, properties = self._decode_header(payload)
         except RemoteProtocolError as exc:
             # The frame is whole (its end octet checked); only its properties are not
-            # valid Python values (a timestamp beyond datetime, a header name that is
-            # not UTF-8, ...), as any client may publish. A delivery is then handed
+            # valid Python values (a header name or short string that is not UTF-8, an
+            # unknown field type), as any client may publish. A delivery is then handed
             # on with empty properties and the reason, for the consumer to reject it
             # to its dead-letter queue, raw properties intact; the connection lives.
             if type(method) is not commands.Basic.Deliver or len(payload) < 12:
