@@ -45,6 +45,7 @@ from ._outcome import Outcome, OutcomeKind, decide, error_type
 from ._retry import dead_letter_queue_name, retry_queue_name
 from ._topology import TopologyError, dead_letter_arguments, declare_consumer, retry_arguments
 from .amqp import AMQPError, ChannelClosed, ConsumerCancelled, MessageReturned, Properties
+from .amqp._codec import Headers
 from .amqp._connection import asyncio_cancel_requested
 
 if TYPE_CHECKING:
@@ -317,8 +318,11 @@ def dead_letter_headers(msg: Message, outcome: Outcome) -> FieldTable:
 
 
 def copy_headers(original: FieldTable | None, headers: FieldTable) -> FieldTable:
-    """The headers of a retry or dead-letter copy: the original's, updated."""
-    merged = dict(original or {})
+    """The headers of a retry or dead-letter copy: the original's, updated.
+
+    The original's headers as received (``Headers``) stay ``Headers``, so that the
+    copy carries each of their entries as it was encoded (design section 3)."""
+    merged = original.copy() if isinstance(original, Headers) else dict(original or {})
     # The copy is a new message: the broker's counts of the original's deliveries are
     # in its x-attempt already, and would otherwise be counted again.
     for name in BROKER_COUNT_HEADERS:
@@ -331,8 +335,9 @@ def _copy_properties(properties: Properties, headers: FieldTable) -> Properties:
     """The properties of a retry or dead-letter copy: the original's plus ``headers``,
     persistent, and without ``expiration`` (as the broker's own dead-lettering does:
     a per-message TTL would silently drop the copy from the dead-letter queue, or cut
-    a retry delay short)."""
-    return Properties(
+    a retry delay short). Every other property is the original's: re-encoded, each
+    gives the same bytes (a timestamp too, whatever its size: see ``amqp._codec``)."""
+    copy = Properties(
         content_type=properties.content_type,
         content_encoding=properties.content_encoding,
         headers=copy_headers(properties.headers, headers),
@@ -346,6 +351,8 @@ def _copy_properties(properties: Properties, headers: FieldTable) -> Properties:
         user_id=properties.user_id,
         app_id=properties.app_id,
     )
+    copy.cluster_id = properties.cluster_id  # pamqp's constructor refuses one
+    return copy
 
 
 class Dispatcher:

@@ -11,7 +11,7 @@ import attrs
 if TYPE_CHECKING:
     from pamqp.common import FieldTable
 
-    from .amqp import Delivery, Properties
+    from .amqp import Delivery, Properties, Timestamp
 
 __all__ = [
     "ACQUIRED_COUNT_HEADER",
@@ -163,7 +163,9 @@ class Message:
         return self.properties.reply_to
 
     @property
-    def timestamp(self) -> datetime.datetime | None:
+    def timestamp(self) -> datetime.datetime | Timestamp | None:
+        """The ``timestamp`` property: a UTC datetime, or a :class:`Timestamp` (its
+        seconds) when it is beyond what a datetime holds (before year 1, after 9999)."""
         return self.properties.timestamp
 
     def text(self, encoding: str = "utf-8") -> str:

@@ -13,8 +13,9 @@ The outcome is decided by the code the App runs (:func:`decide` over the handler
 exception, the consumer's :class:`Retry` policy and the message's attempt), the
 handler runs under its ``timeout`` as in the App, and the properties go through the
 AMQP codec first, so headers arrive as they would from a publisher using this
-package (pamqp encodes a ``float`` as single precision; ``bytes`` arrive as
-``bytearray``). :func:`run_handler_sync` is the same for tests that are not async.
+package (a ``float`` as a double, ``bytes`` arrive as ``bytearray``, a
+timestamp as a ``datetime`` in UTC; see the README's "Header and property types").
+:func:`run_handler_sync` is the same for tests that are not async.
 
 Not modelled: what the broker does on its own, such as a quorum queue's delivery
 limit dead-lettering a message that was returned too often. ``delivery_count=`` sets
@@ -32,8 +33,6 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import anyio
 import attrs
-from pamqp import frame as pamqp_frame
-from pamqp import header as pamqp_header
 
 from ._consumer import SPEC_ATTRIBUTE, ConsumerSpec
 from ._dispatch import call_handler, copy_headers, dead_letter_headers, retry_headers
@@ -41,7 +40,7 @@ from ._message import ATTEMPT_HEADER, DELIVERY_COUNT_HEADER, Message
 from ._outcome import OutcomeKind, decide, error_type, sole_exception
 from ._retry import Retry, dead_letter_queue_name, retry_queue_name
 from .amqp import Delivery, Properties
-from .amqp._channel import encodable_table
+from .amqp._codec import decode_properties, encode_properties
 
 if TYPE_CHECKING:
     from pamqp.common import FieldTable
@@ -96,14 +95,9 @@ def _spec_of(
     return attrs.evolve(spec, **changes) if changes else spec
 
 
-def _through_the_codec(properties: Properties, body_size: int) -> Properties:
-    """``properties`` encoded and decoded as a delivery's content header is."""
-    if properties.headers:
-        properties.headers = encodable_table(properties.headers)
-    data = pamqp_frame.marshal(pamqp_header.ContentHeader(0, body_size, properties), 1)
-    decoded = pamqp_frame.unmarshal(data)[2]
-    assert isinstance(decoded, pamqp_header.ContentHeader)
-    return decoded.properties
+def _through_the_codec(properties: Properties) -> Properties:
+    """``properties`` encoded as we publish them and decoded as a delivery's are."""
+    return decode_properties(encode_properties(properties))
 
 
 def _make_message(
@@ -149,7 +143,7 @@ def _make_message(
         redelivered=redelivered,
         exchange=exchange,
         routing_key=spec.queue if routing_key is None else routing_key,
-        properties=_through_the_codec(props, len(data)),
+        properties=_through_the_codec(props),
         body=data,
     )
     return Message.from_delivery(delivery, spec.queue, delivery_count=spec.queue_type == "quorum")

@@ -15,6 +15,8 @@ from pamqp.commands import Basic as _Basic
 from ._channel import Channel as Channel
 from ._channel import Consumer as Consumer
 from ._channel import QueueDeclareOk as QueueDeclareOk
+from ._codec import Headers as Headers
+from ._codec import Timestamp as Timestamp
 from ._connection import Connection as Connection
 from ._connection import connect as connect
 from ._connection import connect_stream as connect_stream

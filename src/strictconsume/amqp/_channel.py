@@ -16,7 +16,6 @@ arrive right after basic.consume-ok, in the same read, already have a home.
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import math
 from collections import deque
@@ -26,7 +25,7 @@ from typing import TYPE_CHECKING
 import anyio
 import attrs
 from pamqp import commands
-from pamqp.common import Arguments, FieldTable, FieldValue
+from pamqp.common import Arguments
 
 from ._errors import (
     AMQPError,
@@ -77,28 +76,6 @@ class QueueDeclareOk:
     queue: str
     message_count: int
     consumer_count: int
-
-
-def _encodable(value: FieldValue) -> FieldValue:
-    if isinstance(value, bytes):
-        return bytearray(value)
-    if isinstance(value, dict):
-        return encodable_table(value)
-    if isinstance(value, list):
-        return [_encodable(item) for item in value]
-    return value
-
-
-def encodable_table(table: FieldTable) -> FieldTable:
-    """``table`` with ``bytes`` values (at any depth) as ``bytearray``.
-
-    pamqp encodes a byte array from ``bytearray`` only and refuses ``bytes``, which is
-    what users naturally pass; both mean the same AMQP value ('x'). A ``float`` is
-    published as a double ('d'), see :mod:`._codec`.
-    """
-    if not any(isinstance(v, bytes | dict | list) for v in table.values()):
-        return table
-    return {key: _encodable(value) for key, value in table.items()}
 
 
 class Consumer:
@@ -509,11 +486,6 @@ class Channel:
         """
         if not isinstance(body, bytes | bytearray | memoryview):
             raise TypeError(f"body must be bytes, not {type(body).__name__}")
-        if properties is not None and properties.headers:
-            headers = encodable_table(properties.headers)
-            if headers is not properties.headers:
-                properties = copy.copy(properties)  # never change the caller's object
-                properties.headers = headers
         self._check_open()
         await self._backpressure()
         self._check_open()

@@ -101,7 +101,7 @@ from pamqp.base import Frame
 from pamqp.body import ContentBody
 from pamqp.heartbeat import Heartbeat
 
-from ._codec import exact_floats
+from ._codec import content_header, decode_content_header
 from ._errors import AMQPError, LocalProtocolError, RemoteProtocolError, UnsupportedSetting
 
 if TYPE_CHECKING:
@@ -809,11 +809,7 @@ class ProtocolConnection:
                 ),
                 channel_id,
             )
-            if properties is not None:
-                properties = exact_floats(properties)
-            header_frame = pamqp.frame.marshal(
-                header.ContentHeader(0, len(body), properties), channel_id
-            )
+            header_frame = pamqp.frame.marshal(content_header(len(body), properties), channel_id)
         except (TypeError, ValueError, OverflowError, struct.error) as exc:
             raise ValueError(
                 f"cannot publish to exchange {exchange!r} with routing key {routing_key!r}: {exc}"
@@ -1083,16 +1079,15 @@ class ProtocolConnection:
         return method
 
     @staticmethod
-    def _decode_header(payload: bytes) -> header.ContentHeader:
-        """Decode a content header frame's payload (class, body size, properties)."""
-        content = header.ContentHeader()
+    def _decode_header(payload: bytes) -> tuple[int, int, commands.Basic.Properties]:
+        """Decode a content header frame's payload: class, body size, properties (by
+        ``_codec``, which reads timestamps and header tables as pamqp does not)."""
         try:
-            content.unmarshal(payload)
+            return decode_content_header(payload)
         except Exception as exc:
             raise RemoteProtocolError(
                 f"the broker sent a frame that cannot be decoded: {exc!r}"
             ) from exc
-        return content
 
     def _frame_while_closing(
         self,
@@ -1213,11 +1208,11 @@ class ProtocolConnection:
                 f"{method.name} while its body was still expected"
             )
         try:
-            content = self._decode_header(payload)
+            class_id, body_size, properties = self._decode_header(payload)
         except RemoteProtocolError as exc:
             # The frame is whole (its end octet checked); only its properties are not
-            # valid Python values (a timestamp beyond datetime, a header name that is
-            # not UTF-8, ...), as any client may publish. A delivery is then handed
+            # valid Python values (a header name or short string that is not UTF-8, an
+            # unknown field type), as any client may publish. A delivery is then handed
             # on with empty properties and the reason, for the consumer to reject it
             # to its dead-letter queue, raw properties intact; the connection lives.
             if type(method) is not commands.Basic.Deliver or len(payload) < 12:
@@ -1227,9 +1222,6 @@ class ProtocolConnection:
                 raise
             channel.content_error = f"its properties cannot be decoded ({exc.__cause__ or exc})"
             properties = commands.Basic.Properties()
-        else:
-            class_id = cast(int, content.class_id)  # pamqp: None until decoded
-            properties, body_size = content.properties, content.body_size
         if class_id != _BASIC_CLASS:
             raise RemoteProtocolError(
                 f"the broker sent a content header of class {class_id} on channel "
