@@ -21,16 +21,26 @@ from ._outcome import OutcomeKind, sole_exception
 from ._publisher import PublishChannelSlot, Publisher, own_connection_publisher
 from ._settings import Settings, resolve_settings
 from ._supervisor import StartupError, Supervisor
+from ._versions import (
+    consumer_timeout_argument,
+    consumer_timeout_cancels,
+    consumer_timeout_enforced,
+    describe,
+    transient_queues_deprecated,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable
 
     from ._http import ASGIApp, HttpServer
     from ._retry import Retry
+    from .amqp import Connection
 
 __all__ = ["App"]
 
 logger = logging.getLogger("strictconsume")
+
+_NOT_WARNED = object()
 
 H = TypeVar("H", bound="Callable[..., Awaitable[Any]]")
 
@@ -85,6 +95,8 @@ class App:
         self._grace_period: float | None = None
         self._fatal_error: BaseException | None = None
         self._http_url: str | None = None
+        #: The broker version the start-up warnings were given for (a sentinel: none).
+        self._warned_for: object = _NOT_WARNED
         #: What ``/metrics`` shows; kept across runs of the App.
         self.metrics = Metrics(connected=lambda: self.connected, inflight=self._inflight)
 
@@ -107,6 +119,7 @@ class App:
         concurrency: int | None = None,
         arguments: Mapping[str, Any] | None = None,
         delivery_limit: int | None = None,
+        consumer_timeout: float | None = None,
     ) -> Callable[[H], H]:
         """Register an ``async def`` handler for ``queue`` (options as :func:`consumer`)."""
         decorate = consumer(
@@ -120,6 +133,7 @@ class App:
             concurrency=concurrency,
             arguments=arguments,
             delivery_limit=delivery_limit,
+            consumer_timeout=consumer_timeout,
         )
 
         def register(handler: H) -> H:
@@ -214,6 +228,9 @@ class App:
     def _reconnected(self) -> None:
         self.metrics.reconnects += 1
 
+    def _consumer_timed_out(self, queue: str) -> None:
+        self.metrics.consumer_timeouts[queue] += 1
+
     def _fatal(self, exc: BaseException) -> None:
         """A handler raised SystemExit, KeyboardInterrupt or another BaseException: stop
         gracefully, then :meth:`run` raises it."""
@@ -225,26 +242,61 @@ class App:
 
     # -- running ------------------------------------------------------------------------
 
-    def _warn_about_timeouts(self, settings: Settings) -> None:
-        limit = settings.consumer_timeout
+    def _connected(self, conn: Connection) -> None:
+        """Once per broker version: warn about what this broker will do to the
+        consumers (design section 4: the consumer timeout must never be hit silently;
+        section 9: what differs by version)."""
+        version = conn.server_version
+        if version == self._warned_for:
+            return
+        self._warned_for = version
+        settings = self.settings
+        broker = describe(version)
         for spec in self._specs:
+            if not consumer_timeout_enforced(version, spec.queue_type):
+                continue  # 4.3 takes no delivery of a classic queue back
+            limit = spec.consumer_timeout or settings.consumer_timeout
             if spec.timeout is None:
                 logger.warning(
                     "the handler of queue %r has no timeout: a handler that hangs keeps "
-                    "its message until the broker's consumer_timeout (%g s) closes the "
-                    "channel; set timeout= on the consumer",
+                    "its message until the broker's consumer timeout (%g s) takes it "
+                    "back (%s %s); set timeout= on the consumer",
                     spec.queue,
                     limit,
+                    broker,
+                    "cancels the consumer"
+                    if consumer_timeout_cancels(version)
+                    else "closes the channel",
                 )
-            elif limit and spec.timeout > limit:
+            elif spec.timeout > limit:
                 logger.warning(
                     "the handler timeout of queue %r (%g s) is longer than the broker's "
-                    "consumer_timeout (%g s): the broker would close the channel first; "
-                    "lower the timeout or raise consumer_timeout on the broker (and tell "
-                    "the App with consumer_timeout=)",
+                    "consumer timeout (%g s): the broker would take the message back "
+                    "first; lower the timeout, or raise the consumer timeout with "
+                    "consumer_timeout= on the consumer (or on the broker, and tell the "
+                    "App with consumer_timeout=)",
                     spec.queue,
                     spec.timeout,
                     limit,
+                )
+            if spec.consumer_timeout is not None and not consumer_timeout_argument(
+                version, spec.queue_type
+            ):
+                logger.warning(
+                    "queue %r: %s does not honour a per-consumer consumer_timeout "
+                    "(x-consumer-timeout, from RabbitMQ 3.12); its own consumer_timeout "
+                    "setting applies",
+                    spec.queue,
+                    broker,
+                )
+        for spec in self._specs:
+            if not spec.durable and transient_queues_deprecated(version):
+                logger.warning(
+                    "queue %r is declared durable=False: %s deprecates transient "
+                    "non-exclusive queues, and a broker configured to refuse them closes "
+                    "the connection at the declaration; declare it durable",
+                    spec.queue,
+                    broker,
                 )
 
     @contextlib.asynccontextmanager
@@ -271,7 +323,6 @@ class App:
                     f"queue {spec.queue!r}: concurrency ({spec.concurrency}) cannot exceed "
                     f"prefetch ({prefetch})"
                 )
-        self._warn_about_timeouts(settings)
         self.metrics.add_queues(spec.queue for spec in self._specs)
         counted_before = Counter(self.metrics.messages)
         shutdown = self._shutdown if self._shutdown is not None else Shutdown()
@@ -286,6 +337,9 @@ class App:
             on_outcome=self._record,
             on_fatal=self._fatal,
             on_reconnect=self._reconnected,
+            on_connected=self._connected,
+            on_consumer_timeout=self._consumer_timed_out,
+            consumer_timeout=settings.consumer_timeout,
             random=self._random,
         )
         self._supervisor = supervisor

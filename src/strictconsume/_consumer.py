@@ -121,6 +121,9 @@ class ConsumerSpec:
     #: Quorum queues: deliveries of one message before the broker dead-letters it
     #: (None: :data:`DEFAULT_DELIVERY_LIMIT`; 0: no limit).
     delivery_limit: int | None = attrs.field(default=None)
+    #: Seconds a delivery may stay unacked before the broker takes it back (the
+    #: consumer argument ``x-consumer-timeout``); None: the broker's own setting.
+    consumer_timeout: float | None = attrs.field(default=None, validator=_optional_positive)
 
     @delivery_limit.validator
     def _check_delivery_limit(self, attribute: attrs.Attribute[Any], value: Any) -> None:
@@ -184,6 +187,7 @@ def consumer(
     concurrency: int | None = None,
     arguments: Mapping[str, Any] | None = None,
     delivery_limit: int | None = None,
+    consumer_timeout: float | None = None,
 ) -> Callable[[H], H]:
     """Declare an ``async def`` function as the handler of ``queue``.
 
@@ -206,6 +210,12 @@ def consumer(
             to the queue before the broker dead-letters it to ``.dlq``; default 20, 0
             for no limit. The broker counts a lost connection, and before RabbitMQ 4.3
             a requeue too; ``msg.attempt`` counts these returns (``x-delivery-count``).
+        consumer_timeout: Seconds a delivery may stay unacked before the broker takes
+            it back, for this consumer only (the consumer argument
+            ``x-consumer-timeout``); default: the broker's ``consumer_timeout`` (30
+            minutes). Sent where the broker honours it: RabbitMQ 3.12 and later, and
+            from 4.3 for quorum queues only (4.3 enforces no consumer timeout on
+            classic queues, and refuses the argument there).
     """
 
     def decorate(handler: H) -> H:
@@ -221,6 +231,7 @@ def consumer(
             concurrency=concurrency,
             arguments=arguments,
             delivery_limit=delivery_limit,
+            consumer_timeout=consumer_timeout,
         )
         setattr(handler, SPEC_ATTRIBUTE, spec)
         return handler

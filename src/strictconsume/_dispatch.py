@@ -44,6 +44,7 @@ from ._native import HandlerGroup, Native
 from ._outcome import Outcome, OutcomeKind, decide, error_type
 from ._retry import dead_letter_queue_name, retry_queue_name
 from ._topology import TopologyError, dead_letter_arguments, declare_consumer, retry_arguments
+from ._versions import Version, consumer_timeout_argument, consumer_timeout_cancels
 from .amqp import AMQPError, ChannelClosed, ConsumerCancelled, MessageReturned, Properties
 from .amqp._codec import Headers
 from .amqp._connection import asyncio_cancel_requested
@@ -72,6 +73,12 @@ SETTLE_FAILURE_PAUSE = 1.0
 ACK_DELAY = 0.002
 
 OutcomeHook = Callable[[str, OutcomeKind, float], None]
+
+#: RabbitMQ's default consumer_timeout, in seconds (30 minutes).
+DEFAULT_CONSUMER_TIMEOUT = 1800.0
+#: A broker-sent cancel is taken for a consumer timeout when a delivery has been held
+#: at least this share of the timeout (the broker checks on its own clock).
+CONSUMER_TIMEOUT_SLACK = 0.9
 
 
 def ack_batch(prefetch: int) -> int:
@@ -169,6 +176,9 @@ class _ChannelState:
         #: handler that swallows the cancellation and returns is requeued, not acked.
         self.cancelling = False
         self.limit = anyio.Semaphore(concurrency) if concurrency else None
+        #: The handlers running: delivery tag -> (when it started, message id), to
+        #: name the message a broker's consumer timeout took back.
+        self.running: dict[int, tuple[float, str | None]] = {}
 
     def started(self) -> None:
         if self.inflight == 0:
@@ -369,11 +379,17 @@ class Dispatcher:
         on_fatal: Callable[[BaseException], None],
         random: random_module.Random,
         backoff: Backoff = DEFAULT_BACKOFF,
+        consumer_timeout: float = DEFAULT_CONSUMER_TIMEOUT,
+        on_consumer_timeout: Callable[[str], None] = lambda queue: None,
     ) -> None:
         self.spec = spec
         self.queue = spec.queue
         self.prefetch = prefetch
         self.shutdown = shutdown
+        #: The broker's consumer timeout for this consumer, in seconds: its own
+        #: ``consumer_timeout=``, else the broker's setting as the App was told it.
+        self.consumer_timeout = spec.consumer_timeout or consumer_timeout
+        self._on_consumer_timeout = on_consumer_timeout
         self._on_outcome = on_outcome
         self._on_subscribed = on_subscribed
         self._on_fatal = on_fatal
@@ -430,7 +446,7 @@ class Dispatcher:
                     await ch.qos(self.prefetch)
                     if declare:
                         await declare_consumer(ch, self.spec)
-                    error = await self._serve(ch, subscribed)
+                    error = await self._serve(ch, subscribed, conn.server_version)
             except (AMQPError, TopologyError) as exc:
                 error = exc
             self._on_subscribed(self.queue, False)
@@ -460,7 +476,19 @@ class Dispatcher:
         if status is not None:  # stopped before it ever subscribed
             status.started()
 
-    async def _serve(self, ch: Channel, subscribed: Callable[[], None]) -> AMQPError | None:
+    def _consume_arguments(self, version: Version) -> FieldTable | None:
+        """basic.consume's arguments: the consumer's own consumer timeout, where the
+        broker honours it."""
+        spec = self.spec
+        if spec.consumer_timeout is None:
+            return None
+        if not consumer_timeout_argument(version, spec.queue_type):
+            return None
+        return {"x-consumer-timeout": round(spec.consumer_timeout * 1000)}
+
+    async def _serve(
+        self, ch: Channel, subscribed: Callable[[], None], version: Version
+    ) -> AMQPError | None:
         """Consume on ``ch`` until a shutdown (returns None) or an error (returned)."""
         state = self._state = _ChannelState(ch, self.prefetch, self.spec.concurrency)
         native = self._native = Native()
@@ -486,7 +514,9 @@ class Dispatcher:
                 try:
                     with intake:
                         async with ch.consume(
-                            self.queue, on_delivery=None if limited else take
+                            self.queue,
+                            arguments=self._consume_arguments(version),
+                            on_delivery=None if limited else take,
                         ) as consumer:
                             subscribed()
                             if not limited:
@@ -495,6 +525,7 @@ class Dispatcher:
                                 await self._start(state, handlers, delivery)
                 except AMQPError as exc:  # channel closed, broker-sent cancel
                     error = exc
+                    self._note_consumer_timeout(state, exc, version)
                 finally:
                     self.shutdown.discard(intake)
                 if error is None and state.inflight:
@@ -506,6 +537,55 @@ class Dispatcher:
         finally:
             await state.flush()
         return error
+
+    def _note_consumer_timeout(
+        self, state: _ChannelState, error: AMQPError, version: Version
+    ) -> None:
+        """Count and log, once, a delivery the broker took back because it stayed
+        unacked past the consumer timeout (see :mod:`._versions`): before RabbitMQ 4.3
+        the broker says so as it closes the channel (406); from 4.3 it cancels the
+        consumer without a reason, which a delivery held about that long explains (a
+        cancel without one is a deleted queue or a lost node)."""
+        now = self._native.current_time()
+        held = max(
+            (
+                (now - started, tag, message_id)
+                for tag, (started, message_id) in state.running.items()
+            ),
+            default=None,
+        )
+        if isinstance(error, ChannelClosed):
+            if not (error.reply_code == 406 and "timed out" in error.reply_text):
+                return
+        elif not (
+            isinstance(error, ConsumerCancelled)
+            and consumer_timeout_cancels(version)
+            and held is not None
+            and held[0] >= self.consumer_timeout * CONSUMER_TIMEOUT_SLACK
+        ):
+            return
+        self._on_consumer_timeout(self.queue)
+        what = (
+            "a delivery"
+            if held is None
+            else (f"message {held[2]!r} (delivery_tag {held[1]}), unacked for {held[0]:.1f} s")
+        )
+        logger.warning(
+            "queue %r: the broker took back %s, past its consumer timeout (%g s here), "
+            "and %s; the message is delivered again. Give the handler a timeout below "
+            "the consumer timeout, or raise it for this consumer with consumer_timeout=",
+            self.queue,
+            what,
+            self.consumer_timeout,
+            "closed the channel" if isinstance(error, ChannelClosed) else "cancelled the consumer",
+            extra={
+                "event": "consumer_timeout",
+                "queue": self.queue,
+                "message_id": None if held is None else held[2],
+                "delivery_tag": None if held is None else held[1],
+                "duration": None if held is None else round(held[0], 3),
+            },
+        )
 
     async def _start(
         self, state: _ChannelState, handlers: HandlerGroup, delivery: Delivery
@@ -600,6 +680,7 @@ class Dispatcher:
         native = self._native
         started = native.current_time()
         error: BaseException | None = None
+        state.running[delivery.delivery_tag] = (started, msg.message_id)
         try:
             try:
                 error = await call_handler(spec, msg, started=started, native=native)
@@ -631,6 +712,7 @@ class Dispatcher:
                     outcome = await self._settle(state, msg, outcome)
             self._record(msg, outcome, started, error)
         finally:
+            del state.running[delivery.delivery_tag]
             state.ended()
 
     async def _settle(self, state: _ChannelState, msg: Message, outcome: Outcome) -> Outcome:

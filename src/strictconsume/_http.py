@@ -115,6 +115,15 @@ def _registry(metrics: Metrics) -> CollectorRegistry:
                 "Connections lost and made again since the App started.",
                 value=metrics.reconnects,
             )
+            timeouts = CounterMetricFamily(
+                "strictconsume_consumer_timeouts",
+                "Deliveries the broker took back because they stayed unacked past its "
+                "consumer timeout, by queue.",
+                labels=["queue"],
+            )
+            for queue, count in sorted(metrics.consumer_timeouts.items()):
+                timeouts.add_metric([queue], count)
+            yield timeouts
 
     registry = CollectorRegistry(auto_describe=False)
     registry.register(Collector())

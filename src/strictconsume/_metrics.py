@@ -76,6 +76,8 @@ class Metrics:
     #: Handler durations, by queue.
     handler_seconds: dict[str, Histogram] = attrs.Factory(dict)
     reconnects: int = 0
+    #: Deliveries the broker took back past its consumer timeout, by queue.
+    consumer_timeouts: Counter[str] = attrs.Factory(Counter)
     #: Read when scraped: are we connected, and how many handlers run per queue.
     connected: Callable[[], bool] = lambda: False
     inflight: Callable[[], dict[str, int]] = dict
@@ -85,6 +87,7 @@ class Metrics:
         and a dashboard shows the outcomes that never happened as 0, not missing."""
         for queue in queues:
             self.handler_seconds.setdefault(queue, Histogram())
+            self.consumer_timeouts[queue] += 0
             for kind in OutcomeKind:
                 self.messages[queue, kind.value] += 0
 

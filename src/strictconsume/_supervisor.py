@@ -35,10 +35,11 @@ import anyio
 import anyio.abc
 
 from ._backoff import DEFAULT_BACKOFF, Backoff
-from ._dispatch import Dispatcher, OutcomeHook, Shutdown
+from ._dispatch import DEFAULT_CONSUMER_TIMEOUT, Dispatcher, OutcomeHook, Shutdown
 from ._outcome import sole_exception
 from ._publisher import PublishChannel, PublishChannelSlot
 from ._topology import TopologyError, declare_consumer
+from ._versions import describe
 from .amqp import (
     AMQPError,
     ChannelClosed,
@@ -86,6 +87,9 @@ class Supervisor:
         on_outcome: OutcomeHook,
         on_fatal: Callable[[BaseException], None],
         on_reconnect: Callable[[], None] = lambda: None,
+        on_connected: Callable[[Connection], None] = lambda conn: None,
+        on_consumer_timeout: Callable[[str], None] = lambda queue: None,
+        consumer_timeout: float = DEFAULT_CONSUMER_TIMEOUT,
         random: random_module.Random | None = None,
         backoff: Backoff = DEFAULT_BACKOFF,
         connect: Connect = _connect,
@@ -99,6 +103,7 @@ class Supervisor:
         self.random = random if random is not None else random_module.Random()
         self._connect = connect
         self._on_reconnect = on_reconnect
+        self._on_connected = on_connected
         self._publishing = publishing
         self.connected = False
         self.ever_ready = False
@@ -114,6 +119,8 @@ class Supervisor:
                 on_fatal=on_fatal,
                 random=self.random,
                 backoff=backoff,
+                consumer_timeout=consumer_timeout,
+                on_consumer_timeout=on_consumer_timeout,
             )
             for spec in self.specs
         ]
@@ -151,7 +158,13 @@ class Supervisor:
                         async with self._connect(params) as conn:
                             connected_at = anyio.current_time()
                             self.connected = True
-                            logger.info("connected to %s", params.url, extra={"event": "connected"})
+                            logger.info(
+                                "connected to %s (%s)",
+                                params.url,
+                                describe(conn.server_version),
+                                extra={"event": "connected"},
+                            )
+                            self._on_connected(conn)
                             await self._session(conn, task_status, attempt_scope)
                 except Exception as exc:
                     error = sole_exception(exc)
@@ -206,7 +219,9 @@ class Supervisor:
             raise StartupError(str(error)) from error
         if isinstance(error, UnsupportedSetting):
             raise StartupError(f"{params.url}: {error}") from error
-        if isinstance(error, ConnectionClosed) and error.reply_code in FATAL_REPLY_CODES:
+        if isinstance(error, ConnectionClosed) and (
+            error.reply_code in FATAL_REPLY_CODES or error.deprecated_feature
+        ):
             raise StartupError(str(error)) from error
         if isinstance(error, ChannelClosed) and error.reply_code == 403:
             raise StartupError(f"cannot consume: {error}") from error

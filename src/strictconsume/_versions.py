@@ -81,9 +81,12 @@ def consumer_timeout_cancels(version: Version) -> bool:
     return _at_least(version, (4, 3))
 
 
-def consumer_timeout_argument(version: Version) -> bool:
-    """Whether the broker honours the ``x-consumer-timeout`` consumer argument
-    (from 3.12; older brokers ignore it)."""
+def consumer_timeout_argument(version: Version, queue_type: str) -> bool:
+    """Whether to send the ``x-consumer-timeout`` consumer argument: brokers honour it
+    from 3.12 (older ones ignore it); from 4.3 only quorum queues do, and a classic
+    queue's consume with it is refused (406)."""
+    if not consumer_timeout_enforced(version, queue_type):
+        return False
     return _at_least(version, (3, 12))
 
 

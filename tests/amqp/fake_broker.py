@@ -95,6 +95,8 @@ class FakeBroker:
 
     def __init__(self, stream: MemoryByteStream) -> None:
         self.stream = stream
+        #: What connection.start says; a script may set another version first.
+        self.server_properties: FieldTable = dict(SERVER_PROPERTIES)
         self.received: list[Received] = []
         self._buffer = bytearray()
 
@@ -226,7 +228,7 @@ class FakeBroker:
         await self.send(
             0,
             commands.Connection.Start(
-                server_properties=SERVER_PROPERTIES,
+                server_properties=self.server_properties,
                 mechanisms="PLAIN AMQPLAIN",
                 locales="en_US",
             ),

@@ -79,10 +79,13 @@ def _delete(url: str, queue: str) -> None:
         ch.queue_delete(queue)
 
 
-def _publish(url: str, queue: str, body: bytes, headers: dict[str, Any] | None) -> None:
+def _publish(
+    url: str, queue: str, body: bytes, headers: dict[str, Any] | None, message_id: str | None
+) -> None:
     with pika_channel(url) as ch:
         ch.confirm_delivery()
-        ch.basic_publish("", queue, body, pika.BasicProperties(headers=headers), mandatory=True)
+        properties = pika.BasicProperties(headers=headers, message_id=message_id)
+        ch.basic_publish("", queue, body, properties, mandatory=True)
 
 
 def get_from(ch: Any, queue: str) -> OracleMessage | None:
@@ -154,10 +157,15 @@ class Oracle:
         await self._run(_delete, self.url, queue)
 
     async def publish(
-        self, queue: str, body: bytes, *, headers: dict[str, Any] | None = None
+        self,
+        queue: str,
+        body: bytes,
+        *,
+        headers: dict[str, Any] | None = None,
+        message_id: str | None = None,
     ) -> None:
         """Publish to ``queue`` through the default exchange, confirmed and mandatory."""
-        await self._run(_publish, self.url, queue, body, headers)
+        await self._run(_publish, self.url, queue, body, headers, message_id)
 
     async def get(self, queue: str) -> OracleMessage | None:
         """basic.get with auto-ack; None when the queue is empty."""

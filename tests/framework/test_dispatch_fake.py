@@ -129,6 +129,7 @@ def make_supervisor(
     shutdown: Shutdown | None = None,
     rng: random.Random | None = None,
     recorder: Recorder | None = None,
+    **options: Any,
 ) -> Supervisor:
     return Supervisor(
         specs,
@@ -140,6 +141,7 @@ def make_supervisor(
         on_fatal=fatal_errors.append,
         random=rng if rng is not None else ZeroRandom(),
         connect=connector,
+        **options,
     )
 
 
@@ -727,6 +729,162 @@ async def test_broker_cancel_resubscribes_after_backoff_and_redeclares(
     assert ready_during_backoff == [False]
     assert handled.bodies == [b"again"]
     assert supervisor.reconnects == 0
+
+
+async def serve_resubscription(broker: FakeBroker, spec: ConsumerSpec) -> str:
+    """After the consumer's channel closed: its new channel, qos, the topology
+    declared again and the consume; returns the new consumer tag."""
+    await broker.open_channel(FIRST_CONSUMER_CHANNEL)
+    await broker.expect(commands.Basic.Qos, FIRST_CONSUMER_CHANNEL)
+    await broker.send(FIRST_CONSUMER_CHANNEL, commands.Basic.QosOk())
+    for name, _ in declarations(spec):
+        await broker.expect(commands.Queue.Declare, FIRST_CONSUMER_CHANNEL)
+        await broker.send(FIRST_CONSUMER_CHANNEL, commands.Queue.DeclareOk(name, 0, 0))
+    consume = await broker.expect(commands.Basic.Consume, FIRST_CONSUMER_CHANNEL)
+    await broker.send(FIRST_CONSUMER_CHANNEL, commands.Basic.ConsumeOk(consume.consumer_tag))
+    return consume.consumer_tag or ""
+
+
+def consume_arguments(broker: FakeBroker) -> list[object]:
+    """The arguments of every basic.consume the broker received."""
+    return [
+        dict(r.frame.arguments or {})
+        for r in broker.received
+        if isinstance(r.frame, commands.Basic.Consume)
+    ]
+
+
+@autojump()
+async def test_a_consumer_timeout_on_rabbitmq_4_3_is_counted_logged_and_subscribed_again(
+    anyio_backend: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """RabbitMQ 4.3 cancels a quorum consumer whose delivery stays unacked past its
+    x-consumer-timeout and keeps the channel open: the App counts it once, logs the
+    message it was holding, lets the handler finish (its ack still goes out), and
+    subscribes again. A later cancel with no delivery held that long (a deleted
+    queue) is not a consumer timeout."""
+    shutdown = Shutdown()
+    timeouts: list[str] = []
+
+    async def handler(msg: Message) -> None:
+        if msg.body == b"slow":
+            await anyio.sleep(6)
+
+    async def script(broker: FakeBroker) -> None:
+        broker.server_properties = {**broker.server_properties, "version": "4.3.6"}
+        [tag] = await serve_startup(broker, [spec])
+        assert consume_arguments(broker) == [{"x-consumer-timeout": 5000}]
+        await broker.deliver(FIRST_CONSUMER_CHANNEL, tag, 1, b"slow")
+        await anyio.sleep(5)
+        await broker.send(FIRST_CONSUMER_CHANNEL, commands.Basic.Cancel(tag, nowait=True))
+        ack = await broker.expect(commands.Basic.Ack, FIRST_CONSUMER_CHANNEL)
+        assert ack.delivery_tag == 1
+        assert anyio.current_time() - t0 == pytest.approx(6)
+        assert timeouts == ["orders"]
+        await broker.close_channel(FIRST_CONSUMER_CHANNEL)
+        tag = await serve_resubscription(broker, spec)
+        await broker.send(FIRST_CONSUMER_CHANNEL, commands.Basic.Cancel(tag, nowait=True))
+        await broker.close_channel(FIRST_CONSUMER_CHANNEL)
+        await serve_resubscription(broker, spec)
+        shutdown.request(5.0)
+        assert await serve_until_closed(broker) == CLEAN_SHUTDOWN
+
+    spec = spec_for(handler, queue_type="quorum", consumer_timeout=5.0)
+    t0 = anyio.current_time()
+    async with anyio.create_task_group() as tg:
+        await make_supervisor(
+            Connector(tg, [script]),
+            [spec],
+            shutdown=shutdown,
+            on_consumer_timeout=timeouts.append,
+        ).run()
+    assert timeouts == ["orders"]
+    [record] = [r for r in caplog.records if getattr(r, "event", None) == "consumer_timeout"]
+    assert record.levelname == "WARNING"
+    assert (record.queue, record.delivery_tag) == ("orders", 1)  # type: ignore[attr-defined]
+    assert "delivery_tag 1), unacked for 5.0 s" in record.getMessage()
+    assert "cancelled the consumer" in record.getMessage()
+
+
+@autojump()
+async def test_a_consumer_timeout_before_rabbitmq_4_3_closes_the_channel(
+    anyio_backend: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Up to 4.2 the broker closes the channel (406) on a consumer timeout: the
+    handler loses its channel (the broker redelivers the message), the App counts and
+    logs it, and subscribes again on a new channel. A classic consumer sends its
+    x-consumer-timeout there too (4.3 would refuse it on a classic queue)."""
+    shutdown = Shutdown()
+    timeouts: list[str] = []
+    cancelled = anyio.Event()
+
+    async def handler(msg: Message) -> None:
+        try:
+            await anyio.sleep(60)
+        except anyio.get_cancelled_exc_class():
+            cancelled.set()
+            raise
+
+    async def script(broker: FakeBroker) -> None:
+        broker.server_properties = {**broker.server_properties, "version": "4.0.5"}
+        [tag] = await serve_startup(broker, [spec])
+        assert consume_arguments(broker) == [{"x-consumer-timeout": 2000}]
+        await broker.deliver(FIRST_CONSUMER_CHANNEL, tag, 1, b"stuck")
+        await anyio.sleep(2)
+        text = (
+            "PRECONDITION_FAILED - delivery acknowledgement on channel 2 timed out. "
+            "Timeout value used: 2000 ms. This timeout value can be configured, see "
+            "consumers doc guide to learn more"
+        )
+        await broker.send(FIRST_CONSUMER_CHANNEL, commands.Channel.Close(406, text, 0, 0))
+        await broker.expect(commands.Channel.CloseOk, FIRST_CONSUMER_CHANNEL)
+        await cancelled.wait()
+        await serve_resubscription(broker, spec)
+        assert timeouts == ["orders"]
+        shutdown.request(5.0)
+        frames = await serve_until_closed(broker)
+        assert not {"Basic.Ack", "Basic.Nack"} & {name for _, name in frames}
+
+    spec = spec_for(handler, consumer_timeout=2.0)
+    async with anyio.create_task_group() as tg:
+        await make_supervisor(
+            Connector(tg, [script]),
+            [spec],
+            shutdown=shutdown,
+            on_consumer_timeout=timeouts.append,
+        ).run()
+    [record] = [r for r in caplog.records if getattr(r, "event", None) == "consumer_timeout"]
+    assert "closed the channel" in record.getMessage()
+    assert record.delivery_tag == 1  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    ("version", "queue_type", "sent"),
+    [
+        ("3.10.8", "quorum", False),  # before 3.12: not honoured, not sent
+        ("3.12.0", "classic", True),
+        ("4.0.5", "quorum", True),
+        ("4.3.6", "quorum", True),
+        ("4.3.6", "classic", False),  # 4.3 refuses it on a classic queue
+    ],
+)
+async def test_the_consumer_timeout_argument_is_sent_where_the_broker_honours_it(
+    anyio_backend: Any, version: str, queue_type: str, sent: bool
+) -> None:
+    shutdown = Shutdown()
+
+    async def script(broker: FakeBroker) -> None:
+        broker.server_properties = {**broker.server_properties, "version": version}
+        await serve_startup(broker, [spec])
+        expected = {"x-consumer-timeout": 90000} if sent else {}
+        assert consume_arguments(broker) == [expected]
+        shutdown.request(5.0)
+        assert await serve_until_closed(broker) == CLEAN_SHUTDOWN
+
+    spec = spec_for(_noop, queue_type=queue_type, consumer_timeout=90.0)
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            await make_supervisor(Connector(tg, [script]), [spec], shutdown=shutdown).run()
 
 
 # -- 3. reconnecting ---------------------------------------------------------------------------

@@ -174,6 +174,7 @@ async def test_metrics_render_the_design_names_and_values() -> None:
     app._record("q1", OutcomeKind.RETRY, 0.02)
     app._record("q2", OutcomeKind.DEAD_LETTER, 2.0)
     app.metrics.reconnects = 3
+    app._consumer_timed_out("q2")
     status, headers, body = await call(app.asgi(), "/metrics")
     assert status == 200
     assert headers["content-type"].startswith("text/plain; version=0.0.4")
@@ -203,6 +204,10 @@ async def test_metrics_render_the_design_names_and_values() -> None:
     assert found["strictconsume_inflight"] == {(("queue", "q1"),): 0.0, (("queue", "q2"),): 0.0}
     assert found["strictconsume_connected"] == {(): 0.0}
     assert found["strictconsume_reconnects_total"] == {(): 3.0}
+    assert found["strictconsume_consumer_timeouts_total"] == {
+        (("queue", "q1"),): 0.0,
+        (("queue", "q2"),): 1.0,
+    }
 
 
 @pytest.mark.anyio
@@ -350,6 +355,7 @@ async def test_metrics_count_every_outcome_over_http(broker_url: str, queue: str
         assert count(found, "cancelled") == 0
         assert found["strictconsume_connected"] == {(): 1.0}
         assert found["strictconsume_reconnects_total"] == {(): 0.0}
+        assert found["strictconsume_consumer_timeouts_total"] == {(("queue", queue),): 0.0}
         handled = found["strictconsume_handler_seconds_count"][(("queue", queue),)]
         assert handled == 6  # 2 ack + 2 dead letter + 1 retry + 1 requeue
 

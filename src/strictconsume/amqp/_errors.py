@@ -165,6 +165,13 @@ class ConnectionClosed(_ReplyError):
     def _what(self) -> str:
         return "the broker closed the connection"
 
+    @property
+    def deprecated_feature(self) -> bool:
+        """The broker refused a deprecated feature it is configured not to permit
+        (541, for example a transient non-exclusive queue on RabbitMQ 4.3): trying
+        again cannot help."""
+        return self.reply_code == 541 and "is deprecated" in self.reply_text
+
 
 class ChannelClosed(_ReplyError):
     """The broker closed a channel (channel.close); the connection is still usable."""
