@@ -1102,9 +1102,9 @@ async def test_run_handler_counts_quorum_deliveries_as_the_app(
         assert given.outcome == ("requeue" if run < 2 else "dead_letter")
     last = await predict(handle, real[-1])
     headers = dict(letter.headers or {})
-    # The .dlq of a quorum consumer is a quorum queue: before 4.3 a basic.get from it
+    # The .dlq of a quorum consumer is a quorum queue: before 4.0 a basic.get from it
     # carries the broker's own x-delivery-count 0, which the copy itself does not hold.
-    if counts:
+    if broker_version[:2] < (4, 0):
         assert headers.pop("x-delivery-count") == 0
     assert set(headers) == set(last.headers)
     assert "x-delivery-count" not in last.headers
