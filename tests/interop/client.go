@@ -180,6 +180,9 @@ func main() {
 		if err := ch.Confirm(false); err != nil {
 			fail(err)
 		}
+		// why a confirm did not come: the channel's or the connection's close, if any
+		closed := ch.NotifyClose(make(chan *amqp.Error, 1))
+		connClosed := conn.NotifyClose(make(chan *amqp.Error, 1))
 		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 		defer cancel()
 		for _, id := range os.Args[4:] {
@@ -195,7 +198,15 @@ func main() {
 				fail(err)
 			}
 			if !confirm.Wait() {
-				fail(fmt.Errorf("publish %s not confirmed", id))
+				reason := "the broker nacked it"
+				select {
+				case e := <-closed:
+					reason = fmt.Sprintf("the channel closed: %v", e)
+				case e := <-connClosed:
+					reason = fmt.Sprintf("the connection closed: %v", e)
+				case <-time.After(time.Second):
+				}
+				fail(fmt.Errorf("publish %s not confirmed: %s", id, reason))
 			}
 			out = append(out, properties(msg, msg.Body))
 		}
