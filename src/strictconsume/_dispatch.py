@@ -163,7 +163,6 @@ class _ChannelState:
         self.idle.set()
         self.ack_wanted = anyio.Event()
         self.batch_full = anyio.Event()
-        self.flushing = False
         #: Set when the handlers are being cancelled (grace over, channel lost): a
         #: handler that swallows the cancellation and returns is requeued, not acked.
         self.cancelling = False
@@ -208,27 +207,27 @@ class _ChannelState:
     async def flush(self) -> None:
         """Send the acks the tracker has ready, in order.
 
-        One flush at a time: an ack can wait (backpressure), and a second flusher
-        overtaking it could send ack(8, multiple) before a pending single ack(6),
-        which the broker would then reject as an unknown tag. The flush in progress
-        loops until the tracker has nothing left, so a caller that finds one running
-        has nothing to do. Shielded: the acks are popped from the tracker already.
+        Every ack taken from the tracker is queued for the socket before anything
+        is awaited, so acks go out in the order taken and none is ever dropped: a
+        socket that stays backed up (a broker that stopped reading) delays them, it
+        never loses them. Then one wait, shielded and bounded by
+        :data:`SETTLE_TIMEOUT`, lets the writer drain the backlog (backpressure for
+        the handlers that follow).
         """
-        if self.flushing or not self.tracker.pending:
+        if not self.tracker.pending:
             return
-        self.flushing = True
+        ch = self.ch
         try:
+            while acks := self.tracker.flush():
+                if not ch.is_open:
+                    return  # the broker requeues everything of a closed channel
+                for ack in acks:
+                    ch.ack_nowait(ack.delivery_tag, multiple=ack.multiple)
             with anyio.CancelScope(shield=True) as scope:
                 scope.deadline = anyio.current_time() + SETTLE_TIMEOUT
-                while acks := self.tracker.flush():
-                    for ack in acks:
-                        if not self.ch.is_open:
-                            return  # the broker requeues everything of a closed channel
-                        await self.ch.ack(ack.delivery_tag, multiple=ack.multiple)
+                await ch.wait_writable()
         except AMQPError as exc:
             logger.debug("acks not sent: %s", exc)
-        finally:
-            self.flushing = False
 
     async def requeue(self, delivery_tag: int) -> None:
         """Nack with requeue: the message goes back to its queue."""

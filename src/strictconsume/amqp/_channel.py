@@ -454,9 +454,22 @@ class Channel:
         backed up. An unknown tag makes the broker close this channel
         (406 PRECONDITION_FAILED), which later calls report.
         """
+        self.ack_nowait(delivery_tag, multiple=multiple)
+        await self._backpressure()
+
+    def ack_nowait(self, delivery_tag: int, *, multiple: bool = False) -> None:
+        """Queue a basic.ack for the socket and return at once, however backed up
+        the socket is; :meth:`wait_writable` waits for the backlog to shrink.
+
+        An ack queued is sent as soon as the socket takes it (or never, when the
+        connection breaks first; the broker then requeues the message itself).
+        """
         self._check_open()
         self._core.ack(self.channel_id, delivery_tag, multiple=multiple)
         self.connection._wake_writer()
+
+    async def wait_writable(self) -> None:
+        """Wait while more than ``WRITE_HIGH_WATER`` bytes are queued for the socket."""
         await self._backpressure()
 
     async def nack(
