@@ -437,11 +437,11 @@ class App:
     async def publisher(self) -> AsyncIterator[Publisher]:
         """A :class:`Publisher` for confirmed publishing from user code.
 
-        While the App runs it shares the App's connection (and waits while the App
-        reconnects); otherwise the block opens a connection of its own.
+        While the App runs it uses the App's publishing connection (and waits while
+        it reconnects); otherwise the block opens a connection of its own.
         """
         if self._supervisor is not None:
             yield Publisher(self._publishing)
             return
-        async with own_connection_publisher(self.settings.urls[0]) as publisher:
+        async with own_connection_publisher(self.settings.urls[:1]) as publisher:
             yield publisher

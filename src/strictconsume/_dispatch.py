@@ -42,6 +42,7 @@ from ._message import (
 )
 from ._native import HandlerGroup, Native
 from ._outcome import Outcome, OutcomeKind, decide, error_type
+from ._publisher import COPIES
 from ._retry import dead_letter_queue_name, retry_queue_name
 from ._topology import TopologyError, dead_letter_arguments, declare_consumer, retry_arguments
 from .amqp import AMQPError, ChannelClosed, ConsumerCancelled, MessageReturned, Properties
@@ -53,7 +54,7 @@ if TYPE_CHECKING:
     from pamqp.common import FieldTable
 
     from ._consumer import ConsumerSpec
-    from ._publisher import PublishChannel
+    from ._publisher import PublishChannelSlot
     from .amqp import Channel, Connection, Delivery
 
 __all__ = ["ACK_DELAY", "SETTLE_TIMEOUT", "Dispatcher", "Shutdown", "ack_batch"]
@@ -384,7 +385,7 @@ class Dispatcher:
     async def run(
         self,
         conn: Connection,
-        publishing: PublishChannel,
+        publishing: PublishChannelSlot,
         *,
         task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
     ) -> None:
@@ -686,14 +687,27 @@ class Dispatcher:
         (a delay outside the policy, or a queue deleted on the broker) declare it and
         publish once more."""
         properties = _copy_properties(msg.properties, headers)
+        publishing = self._publishing
         try:
-            await self._publishing.publish(
-                msg.body, exchange="", routing_key=queue, properties=properties, mandatory=True
+            await publishing.publish(
+                msg.body,
+                purpose=COPIES,
+                exchange="",
+                routing_key=queue,
+                properties=properties,
+                mandatory=True,
             )
         except MessageReturned:
-            await self._publishing.declare_queue(queue, arguments, durable=self.spec.durable)
-            await self._publishing.publish(
-                msg.body, exchange="", routing_key=queue, properties=properties, mandatory=True
+            await publishing.declare_queue(
+                queue, arguments, durable=self.spec.durable, purpose=COPIES
+            )
+            await publishing.publish(
+                msg.body,
+                purpose=COPIES,
+                exchange="",
+                routing_key=queue,
+                properties=properties,
+                mandatory=True,
             )
 
     async def _publish_dead_letter(self, msg: Message, outcome: Outcome) -> None:

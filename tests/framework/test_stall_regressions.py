@@ -3,8 +3,9 @@
 Each test fails on the code before its fix (named in the commit that adds it):
 
 1. a flush whose socket stays backed up past ``SETTLE_TIMEOUT`` still sends every ack
-   it took from the tracker (fake broker, autojump clock);
-2. more in later commits.
+   it took from the tracker (fake broker, autojump clock); retry copies go out on a
+   publishing connection of their own, so a blocked one never holds up the acks
+   (the 60 s memory alarm on the real broker is in ``tests/faults/test_alarm.py``);
 
 Timing runs on trio's autojump clock and asserts virtual times; what the broker
 does is pinned against the scripted fake broker of ``tests/amqp/fake_broker.py``.
@@ -19,10 +20,24 @@ import pytest
 import trio.testing
 from pamqp import commands
 
-from strictconsume._dispatch import SETTLE_TIMEOUT, _ChannelState
+from strictconsume import Message, Retry
+from strictconsume._dispatch import SETTLE_FAILURE_PAUSE, SETTLE_TIMEOUT, Shutdown, _ChannelState
 from strictconsume.amqp import ConnectionParameters, connect_stream
 
 from ..amqp.fake_broker import FakeBroker, pair
+from .test_dispatch_fake import (
+    CLEAN_SHUTDOWN,
+    FIRST_CONSUMER_CHANNEL,
+    PUBLISH_CHANNEL,
+    Connector,
+    Recorder,
+    assert_publishing_shutdown,
+    make_supervisor,
+    serve_publishing_startup,
+    serve_startup,
+    serve_until_closed,
+    spec_for,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -85,3 +100,55 @@ async def test_acks_taken_while_the_socket_is_backed_up_are_all_sent(anyio_backe
                 await all_read.wait()
     assert flushed_after == [SETTLE_TIMEOUT]  # a bounded wait, not one per ack
     assert acks == [(1, False), (3, False)]
+
+
+@autojump()
+async def test_a_blocked_publishing_connection_never_holds_up_the_acks(
+    anyio_backend: Any,
+) -> None:
+    """Retry copies go out on a connection of their own. Here the broker blocks that
+    connection (connection.blocked, no confirm ever): the copy of message 1 waits,
+    message 2's ack goes out on the consumers' connection at once, and after
+    SETTLE_TIMEOUT (plus the 1 s pause) message 1 is requeued. Before, copies shared
+    the consumers' connection, which a memory alarm blocks as a whole."""
+    shutdown = Shutdown()
+    times: dict[str, float] = {}
+    t0 = 0.0
+
+    async def handler(msg: Message) -> None:
+        if msg.body == b"fails":
+            raise ValueError("try again later")
+
+    async def script(broker: FakeBroker) -> None:
+        nonlocal t0
+        [tag] = await serve_startup(broker, [spec])
+        t0 = anyio.current_time()
+        await broker.deliver(FIRST_CONSUMER_CHANNEL, tag, 1, b"fails")
+        await copy_waiting.wait()
+        await broker.deliver(FIRST_CONSUMER_CHANNEL, tag, 2, b"works")
+        ack = await broker.expect(commands.Basic.Ack, FIRST_CONSUMER_CHANNEL)
+        times["ack 2"] = anyio.current_time() - t0
+        assert (ack.delivery_tag, ack.multiple) == (2, False)
+        nack = await broker.expect(commands.Basic.Nack, FIRST_CONSUMER_CHANNEL)
+        times["requeue 1"] = anyio.current_time() - t0
+        assert (nack.delivery_tag, nack.requeue) == (1, True)
+        shutdown.request(5.0)
+        assert await serve_until_closed(broker) == CLEAN_SHUTDOWN
+
+    async def publishing(broker: FakeBroker) -> None:
+        await serve_publishing_startup(broker)
+        await broker.send(0, commands.Connection.Blocked("low on memory"))
+        method, _ = await broker.expect_publish(PUBLISH_CHANNEL)
+        assert method.routing_key == "orders.retry.1000"
+        copy_waiting.set()
+        assert_publishing_shutdown(await serve_until_closed(broker))  # never confirmed
+
+    copy_waiting = anyio.Event()
+    spec = spec_for(handler, retry=Retry(delays=(1.0,)))
+    recorder = Recorder()
+    async with anyio.create_task_group() as tg:
+        await make_supervisor(
+            Connector(tg, [script, publishing]), [spec], shutdown=shutdown, recorder=recorder
+        ).run()
+    assert times == {"ack 2": 0.0, "requeue 1": SETTLE_TIMEOUT + SETTLE_FAILURE_PAUSE}
+    assert sorted(kind.value for _, kind in recorder.outcomes) == ["ack", "requeue"]
