@@ -100,13 +100,16 @@ class PublishChannel:
         started = False
         try:
             while True:
+                # A fresh event per channel, made before the channel is published:
+                # whoever saw an earlier channel fail can only break that one.
+                broken = self._broken = anyio.Event()
                 async with conn.channel(confirms=True) as ch:
                     self._set(ch)
                     if not started:
                         started = True
                         task_status.started()
-                    await self._broken.wait()
-                    self._broken = anyio.Event()
+                    await broken.wait()
+                    self._set(None)  # being replaced: callers wait for the next one
         finally:
             self._finished = True
             self._set(None)
@@ -130,7 +133,7 @@ class PublishChannel:
                 return ch
             changed = self._changed
             if ch is not None:
-                self._broken.set()
+                self._channel_failed(ch)
             await changed.wait()
 
     def _channel_failed(self, ch: Channel) -> None:

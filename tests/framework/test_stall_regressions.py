@@ -6,6 +6,8 @@ Each test fails on the code before its fix (named in the commit that adds it):
    it took from the tracker (fake broker, autojump clock); retry copies go out on a
    publishing connection of their own, so a blocked one never holds up the acks
    (the 60 s memory alarm on the real broker is in ``tests/faults/test_alarm.py``);
+4. a publish issued while the publishing channel is reopened after a 404 gets the
+   new channel instead of closing it;
 
 Timing runs on trio's autojump clock and asserts virtual times; what the broker
 does is pinned against the scripted fake broker of ``tests/amqp/fake_broker.py``.
@@ -22,9 +24,10 @@ from pamqp import commands
 
 from strictconsume import Message, Retry
 from strictconsume._dispatch import SETTLE_FAILURE_PAUSE, SETTLE_TIMEOUT, Shutdown, _ChannelState
-from strictconsume.amqp import ConnectionParameters, connect_stream
+from strictconsume._publisher import PublishChannel
+from strictconsume.amqp import ChannelClosed, ConnectionParameters, connect_stream
 
-from ..amqp.fake_broker import FakeBroker, pair
+from ..amqp.fake_broker import ClientClosed, FakeBroker, pair
 from .test_dispatch_fake import (
     CLEAN_SHUTDOWN,
     FIRST_CONSUMER_CHANNEL,
@@ -152,3 +155,75 @@ async def test_a_blocked_publishing_connection_never_holds_up_the_acks(
         ).run()
     assert times == {"ack 2": 0.0, "requeue 1": SETTLE_TIMEOUT + SETTLE_FAILURE_PAUSE}
     assert sorted(kind.value for _, kind in recorder.outcomes) == ["ack", "requeue"]
+
+
+# -- 4. a user's 404 does not close the next publishing channel --------------------------------
+
+
+async def test_a_publish_during_the_reopen_after_a_404_gets_the_new_channel(
+    anyio_backend: Any,
+) -> None:
+    """A publish to a missing exchange closes the publishing channel (404). A publish
+    issued while the channel is being reopened used to find the old closed channel,
+    break the new one as soon as it opened (the broken event had already been
+    replaced), and fail with ``LocalProtocolError('channel 1 is closed')``."""
+    client, broker = pair()
+    reopening = anyio.Event()
+    frames: list[str] = []
+
+    async def script() -> None:
+        await broker.handshake()
+        await broker.open_channel(1)
+        await broker.expect(commands.Confirm.Select, 1)
+        await broker.send(1, commands.Confirm.SelectOk())
+        method, _ = await broker.expect_publish(1)
+        assert method.exchange == "missing"
+        await broker.send(
+            1, commands.Channel.Close(404, "NOT_FOUND - no exchange 'missing'", 60, 40)
+        )
+        await broker.expect(commands.Channel.CloseOk, 1)
+        await broker.expect(commands.Channel.Open, 1)
+        reopening.set()
+        await anyio.sleep(0.1)  # the open-ok is late: the publish below waits for it
+        await broker.send(1, commands.Channel.OpenOk())
+        await broker.expect(commands.Confirm.Select, 1)
+        await broker.send(1, commands.Confirm.SelectOk())
+        got = await broker.receive_frame()
+        frames.append(getattr(got.frame, "name", type(got.frame).__name__))
+        if isinstance(got.frame, commands.Basic.Publish):
+            await broker.receive_frame()  # its content header
+            await broker.receive_frame()  # and body
+            await broker.send(1, commands.Basic.Ack(1))
+        while True:
+            try:
+                got = await broker.receive_frame()
+            except ClientClosed:
+                return
+            frames.append(getattr(got.frame, "name", type(got.frame).__name__))
+            if isinstance(got.frame, commands.Channel.Close):
+                await broker.send(got.channel, commands.Channel.CloseOk())
+            elif isinstance(got.frame, commands.Connection.Close):
+                await broker.send(0, commands.Connection.CloseOk())
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(broker.serve, script)
+            async with connect_stream(client, PARAMS) as conn:
+                channel = PublishChannel()
+                async with anyio.create_task_group() as publishing:
+                    await publishing.start(channel.run, conn)
+                    with pytest.raises(ChannelClosed) as caught:
+                        await channel.publish(
+                            b"a",
+                            exchange="missing",
+                            routing_key="k",
+                            properties=None,
+                            mandatory=True,
+                        )
+                    assert caught.value.reply_code == 404
+                    await reopening.wait()
+                    await channel.publish(
+                        b"b", exchange="", routing_key="q", properties=None, mandatory=True
+                    )
+                    publishing.cancel_scope.cancel()
+    assert frames == ["Basic.Publish", "Channel.Close", "Connection.Close"]
