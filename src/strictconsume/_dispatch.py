@@ -148,6 +148,14 @@ class Shutdown:
         self._graces.discard(scope)
 
 
+def _refused(error: Exception) -> bool:
+    """A refusal that retrying will not fix: 403 on basic.consume, or a declaration
+    the broker refused (406 other arguments, 403 no configure permission)."""
+    if isinstance(error, ChannelClosed):
+        return error.reply_code == 403
+    return isinstance(error, TopologyError) and error.reply_code in (403, 406)
+
+
 class _Unreadable(Exception):
     """A delivery the client could not decode (see ``Delivery.properties_error``)."""
 
@@ -387,18 +395,29 @@ class Dispatcher:
         conn: Connection,
         publishing: PublishChannelSlot,
         *,
+        startup: bool = False,
+        declared: bool = True,
         task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
     ) -> None:
         """Consume until a shutdown drained this consumer.
 
-        Returns once subscribed (through ``task_status``); reopens its channel after
-        a channel error and resubscribes after a broker-sent cancel, with backoff.
-        Connection errors propagate: the supervisor owns reconnecting.
+        Signals ``task_status`` once subscribed; reopens its channel after a channel
+        error and resubscribes after a broker-sent cancel, with backoff, whatever the
+        other consumers do: each consumer is its own failure domain. Connection
+        errors propagate: the supervisor owns reconnecting.
+
+        Args:
+            startup: The App has not been ready yet. A refusal that retrying cannot
+                fix (403 on basic.consume, a topology mismatch) before the first
+                subscription is then raised, for the supervisor to make it a
+                start-up error; after start-up it is retried like any error.
+            declared: The supervisor declared this consumer's topology just before
+                (else the consumer declares it on its own channel first).
         """
         self._publishing = publishing
         status: anyio.abc.TaskStatus[None] | None = task_status
         failures = 0
-        declare = False  # the App declared the topology just before
+        declare = not declared
         while not self.shutdown.requested:
             subscribed_at = math.inf
 
@@ -430,9 +449,10 @@ class Dispatcher:
                 break
             if not conn.is_open:
                 raise error  # the supervisor reconnects
-            if status is not None and isinstance(error, ChannelClosed) and error.reply_code == 403:
-                # Never subscribed, and refused (no read permission, a queue held by
-                # an exclusive consumer): the supervisor decides whether that is fatal.
+            if startup and status is not None and _refused(error):
+                # Never subscribed at start-up, and refused (no read permission, a
+                # queue held by an exclusive consumer, other arguments): the
+                # supervisor makes it a start-up error. After start-up it is retried.
                 raise error
             if anyio.current_time() - subscribed_at >= self._backoff.reset_after:
                 failures = 0

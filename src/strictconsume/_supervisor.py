@@ -291,18 +291,42 @@ class Supervisor:
         task_status: anyio.abc.TaskStatus[None],
         attempt_scope: anyio.CancelScope,
     ) -> None:
-        """Declare, subscribe every consumer, serve until the shutdown drained them."""
-        async with conn.channel() as ch:
-            for spec in self.specs:
-                await declare_consumer(ch, spec)
+        """Declare, subscribe every consumer, serve until the shutdown drained them.
+
+        The whole topology is declared first, so that at start-up a mismatch is an
+        error before anything is consumed. Then every consumer subscribes on its
+        own, at once: after start-up, one that cannot (its queue's node is down, a
+        refusal, a declaration or subscribe that does not complete) retries with
+        backoff while the others work, and readiness names it.
+        """
+        startup = not self.ever_ready
+        undeclared = await self._declare(conn, startup=startup)
         # Declared: from here a stop drains the consumers gracefully instead of
         # cancelling the attempt (each dispatcher watches the shutdown itself).
         self.shutdown.discard(attempt_scope)
+        all_started = anyio.Event()
+        waiting = len(self.dispatchers)
+
+        def one_started() -> None:
+            nonlocal waiting
+            waiting -= 1
+            if waiting == 0:
+                all_started.set()
+
         async with anyio.create_task_group() as consumers:
             for dispatcher in self.dispatchers:
-                await consumers.start(dispatcher.run, conn, self._publishing)
+                consumers.start_soon(
+                    self._run_dispatcher,
+                    dispatcher,
+                    conn,
+                    startup,
+                    dispatcher.queue not in undeclared,
+                    one_started,
+                )
             if not self.dispatchers:  # an App used only to publish
                 consumers.start_soon(self.shutdown.wait)
+                all_started.set()
+            await all_started.wait()
             if not self.shutdown.requested:
                 logger.info(
                     "ready: consuming %s",
@@ -312,3 +336,59 @@ class Supervisor:
             if not self.ever_ready:
                 self.ever_ready = True
                 task_status.started()
+
+    async def _declare(self, conn: Connection, *, startup: bool) -> set[str]:
+        """Declare every consumer's topology on one channel (a fresh one after a
+        refusal, which closes it); returns the queues whose declaration failed.
+
+        Raises:
+            TopologyError: at start-up, the broker refused a declaration.
+        """
+        undeclared: set[str] = set()
+        pending = list(self.specs)
+        while True:
+            async with conn.channel() as ch:
+                while pending:
+                    spec = pending.pop(0)
+                    try:
+                        await declare_consumer(ch, spec)
+                    except TopologyError as exc:
+                        if startup:
+                            raise
+                        logger.warning(
+                            "queue %r cannot be declared: %s; its consumer retries, the "
+                            "others go on",
+                            spec.queue,
+                            exc,
+                            extra={"event": "resubscribing", "queue": spec.queue},
+                        )
+                        undeclared.add(spec.queue)
+                        break  # the broker closed the channel
+            if not pending:
+                return undeclared
+
+    async def _run_dispatcher(
+        self,
+        dispatcher: Dispatcher,
+        conn: Connection,
+        startup: bool,
+        declared: bool,
+        started: Callable[[], None],
+    ) -> None:
+        await dispatcher.run(
+            conn,
+            self._publishing,
+            startup=startup,
+            declared=declared,
+            task_status=_Started(started),
+        )
+
+
+class _Started:
+    """A task status that calls back (the session counts its consumers started)."""
+
+    def __init__(self, callback: Callable[[], None]) -> None:
+        self._callback = callback
+
+    def started(self, value: None = None) -> None:
+        self._callback()

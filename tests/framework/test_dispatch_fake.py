@@ -174,17 +174,30 @@ async def serve_startup(
             assert (declare.queue, declare.arguments, declare.durable) == (name, arguments, True)
             await broker.send(1, commands.Queue.DeclareOk(name, 0, 0))
     await broker.close_channel(1)
-    tags = []
-    for channel, spec in enumerate(specs, FIRST_CONSUMER_CHANNEL):
-        await broker.open_channel(channel)
-        qos = await broker.expect(commands.Basic.Qos, channel)
-        assert qos.prefetch_count == (spec.prefetch or prefetch)
-        await broker.send(channel, commands.Basic.QosOk())
-        consume = await broker.expect(commands.Basic.Consume, channel)
-        assert (consume.queue, consume.no_ack) == (spec.queue, False)
-        tags.append(consume.consumer_tag or "")
-        await broker.send(channel, commands.Basic.ConsumeOk(consume.consumer_tag))
-    return tags
+    # The consumers subscribe at once, each on its channel: their frames interleave.
+    by_queue = {spec.queue: spec for spec in specs}
+    qos: dict[int, int] = {}
+    tags: dict[str, str] = {}
+    channels: set[int] = set()
+    while len(tags) < len(specs):
+        got = await broker.receive_frame()
+        channel, frame = got.channel, got.frame
+        if isinstance(frame, commands.Channel.Open):
+            assert channel not in channels
+            channels.add(channel)
+            await broker.send(channel, commands.Channel.OpenOk())
+        elif isinstance(frame, commands.Basic.Qos):
+            qos[channel] = frame.prefetch_count
+            await broker.send(channel, commands.Basic.QosOk())
+        else:
+            assert isinstance(frame, commands.Basic.Consume), f"unexpected {frame!r}"
+            spec = by_queue[frame.queue]
+            assert qos[channel] == (spec.prefetch or prefetch)
+            assert frame.no_ack is False
+            tags[spec.queue] = frame.consumer_tag or ""
+            await broker.send(channel, commands.Basic.ConsumeOk(frame.consumer_tag))
+    assert channels == set(range(FIRST_CONSUMER_CHANNEL, FIRST_CONSUMER_CHANNEL + len(specs)))
+    return [tags[spec.queue] for spec in specs]
 
 
 async def serve_publishing_startup(broker: FakeBroker) -> None:

@@ -328,6 +328,7 @@ async def test_stop_while_a_consumer_is_still_subscribing_keeps_the_grace_period
     second_consume_pending = anyio.Event()
     handler_done: list[bytes] = []
     calls: list[ConnectionParameters] = []
+    channels: dict[str, int] = {}
 
     async def script(broker: FakeBroker) -> None:
         await broker.handshake()
@@ -340,20 +341,25 @@ async def test_stop_while_a_consumer_is_still_subscribing_keeps_the_grace_period
             assert isinstance(got.frame, commands.Channel.Close), got.frame
             await broker.send(1, commands.Channel.CloseOk())
             break
-        # The first consumer subscribes, and gets a message.
-        await broker.open_channel(1)
-        await broker.expect(commands.Basic.Qos, 1)
-        await broker.send(1, commands.Basic.QosOk())
-        consume = await broker.expect(commands.Basic.Consume, 1)
-        assert consume.queue == first
-        await broker.send(1, commands.Basic.ConsumeOk(consume.consumer_tag))
-        await broker.deliver(1, consume.consumer_tag, 1, b"in flight")
-        # The second one's consume-ok is late (it comes when the client cancels).
-        await broker.open_channel(2)
-        await broker.expect(commands.Basic.Qos, 2)
-        await broker.send(2, commands.Basic.QosOk())
-        late = await broker.expect(commands.Basic.Consume, 2)
-        assert late.queue == second
+        # The consumers subscribe at once: the first gets a message; the second
+        # one's consume-ok is late (it comes when the client cancels).
+        late: commands.Basic.Consume | None = None
+        while late is None or not channels.get(first):
+            got = await broker.receive_frame()
+            channel, frame = got.channel, got.frame
+            if isinstance(frame, commands.Channel.Open):
+                await broker.send(channel, commands.Channel.OpenOk())
+            elif isinstance(frame, commands.Basic.Qos):
+                await broker.send(channel, commands.Basic.QosOk())
+            else:
+                assert isinstance(frame, commands.Basic.Consume), frame
+                channels[frame.queue] = channel
+                if frame.queue == first:
+                    await broker.send(channel, commands.Basic.ConsumeOk(frame.consumer_tag))
+                    await broker.deliver(channel, frame.consumer_tag, 1, b"in flight")
+                else:
+                    assert frame.queue == second
+                    late = frame
         second_consume_pending.set()
         while True:
             try:
@@ -363,8 +369,8 @@ async def test_stop_while_a_consumer_is_still_subscribing_keeps_the_grace_period
             frames.append((got.channel, got.frame))
             frame = got.frame
             if isinstance(frame, commands.Basic.Cancel):
-                if got.channel == 2:
-                    await broker.send(2, commands.Basic.ConsumeOk(late.consumer_tag))
+                if got.channel == channels[second]:
+                    await broker.send(got.channel, commands.Basic.ConsumeOk(late.consumer_tag))
                 await broker.send(got.channel, commands.Basic.CancelOk(frame.consumer_tag))
             elif isinstance(frame, commands.Channel.Close):
                 await broker.send(got.channel, commands.Channel.CloseOk())
@@ -423,7 +429,7 @@ async def test_stop_while_a_consumer_is_still_subscribing_keeps_the_grace_period
     assert handler_done == [b"in flight"]  # it had its grace period
     assert 2.0 <= took < 3.0  # the handler's 2 s, not 5 s of waiting per channel
     acks = [(ch, f.delivery_tag) for ch, f in frames if isinstance(f, commands.Basic.Ack)]
-    assert acks == [(1, 1)]
+    assert acks == [(channels[first], 1)]
     assert not [f for _, f in frames if isinstance(f, commands.Basic.Nack)]
     assert len(calls) == 1
 

@@ -6,6 +6,8 @@ Each test fails on the code before its fix (named in the commit that adds it):
    it took from the tracker (fake broker, autojump clock); retry copies go out on a
    publishing connection of their own, so a blocked one never holds up the acks
    (the 60 s memory alarm on the real broker is in ``tests/faults/test_alarm.py``);
+2. after start-up, a queue that cannot be declared or consumed does not stop the other
+   consumers: its own consumer retries with backoff;
 4. a publish issued while the publishing channel is reopened after a 404 gets the
    new channel instead of closing it;
 
@@ -15,6 +17,7 @@ does is pinned against the scripted fake broker of ``tests/amqp/fake_broker.py``
 
 from __future__ import annotations
 
+import random
 from typing import Any
 
 import anyio
@@ -227,3 +230,94 @@ async def test_a_publish_during_the_reopen_after_a_404_gets_the_new_channel(
                     )
                     publishing.cancel_scope.cancel()
     assert frames == ["Basic.Publish", "Channel.Close", "Connection.Close"]
+
+
+# -- 2. each consumer is its own failure domain ----------------------------------------------
+
+
+@autojump()
+async def test_after_a_reconnect_one_failing_queue_does_not_stop_the_others(
+    anyio_backend: Any,
+) -> None:
+    """After start-up the connection is lost; on the next one queue ``orders`` cannot
+    be declared (404: its quorum queue's node is down) and then not consumed (403).
+    ``invoices`` subscribes and handles its message meanwhile; ``orders`` retries
+    with backoff on its own channel and subscribes once the broker takes it again;
+    the App never reconnects for it and is not ready until then. Before, the failed
+    declaration ended the whole session and the App reconnected for ever."""
+    shutdown = Shutdown()
+    handled: list[tuple[str, float]] = []
+    orders_refusals = {"declare": 2, "consume": 1}
+    seen: dict[str, Any] = {}
+
+    async def handler(msg: Message) -> None:
+        handled.append((msg.queue, anyio.current_time()))
+
+    async def first(broker: FakeBroker) -> None:
+        await serve_startup(broker, specs)
+        while not supervisor.ever_ready:
+            await anyio.sleep(0.01)
+        await broker.send_eof()  # the connection is lost, after start-up
+        await broker.expect_eof()
+
+    async def second(broker: FakeBroker) -> None:
+        await broker.handshake()
+        consumers: dict[int, str] = {}
+        delivered = 0
+        while True:
+            try:
+                got = await broker.receive_frame()
+            except ClientClosed:
+                return
+            ch, frame = got.channel, got.frame
+            if isinstance(frame, commands.Channel.Open):
+                await broker.send(ch, commands.Channel.OpenOk())
+            elif isinstance(frame, commands.Basic.Qos):
+                await broker.send(ch, commands.Basic.QosOk())
+            elif isinstance(frame, commands.Queue.Declare):
+                if frame.queue.startswith("orders") and orders_refusals["declare"]:
+                    orders_refusals["declare"] -= 1
+                    text = f"NOT_FOUND - home node of queue '{frame.queue}' is down"
+                    await broker.send(ch, commands.Channel.Close(404, text, 50, 10))
+                else:
+                    await broker.send(ch, commands.Queue.DeclareOk(frame.queue, 0, 0))
+            elif isinstance(frame, commands.Basic.Consume):
+                if frame.queue == "orders" and orders_refusals["consume"]:
+                    orders_refusals["consume"] -= 1
+                    text = "ACCESS_REFUSED - queue 'orders' in exclusive use"
+                    await broker.send(ch, commands.Channel.Close(403, text, 60, 20))
+                    continue
+                consumers[ch] = frame.queue
+                await broker.send(ch, commands.Basic.ConsumeOk(frame.consumer_tag))
+                delivered += 1
+                await broker.deliver(ch, frame.consumer_tag or "", 1, frame.queue.encode())
+            elif isinstance(frame, commands.Basic.Ack):
+                if consumers[ch] == "invoices":
+                    seen["subscribed when invoices acked"] = set(supervisor.subscribed)
+                    seen["ready when invoices acked"] = supervisor.ready
+                if delivered == 2:
+                    seen["ready at the end"] = supervisor.ready
+                    shutdown.request(5.0)
+            elif isinstance(frame, commands.Basic.Cancel):
+                await broker.send(ch, commands.Basic.CancelOk(frame.consumer_tag))
+            elif isinstance(frame, commands.Channel.Close):
+                await broker.send(ch, commands.Channel.CloseOk())
+            elif isinstance(frame, commands.Connection.Close):
+                await broker.send(0, commands.Connection.CloseOk())
+
+    specs = [spec_for(handler, "orders"), spec_for(handler, "invoices")]
+    with anyio.fail_after(600):
+        async with anyio.create_task_group() as tg:
+            connector = Connector(tg, [first, second])
+            supervisor = make_supervisor(connector, specs, shutdown=shutdown, rng=random.Random(4))
+            await supervisor.run()
+    assert [queue for queue, _ in handled] == ["invoices", "orders"]
+    assert handled[1][1] > handled[0][1]  # orders came back after its backoff
+    assert seen == {
+        "subscribed when invoices acked": {"invoices"},
+        "ready when invoices acked": False,
+        "ready at the end": True,
+    }
+    assert orders_refusals == {"declare": 0, "consume": 0}
+    assert len(connector.calls) == 2
+    assert supervisor.reconnects == 1
