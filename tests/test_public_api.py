@@ -23,6 +23,7 @@ AMQP_NAMES = {
     "PublishNacked",
     "QueueDeclareOk",
     "RemoteProtocolError",
+    "ReplyTimeout",
     "connect",
     "connect_stream",
     "parse_url",

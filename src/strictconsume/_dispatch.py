@@ -438,10 +438,18 @@ class Dispatcher:
             error: Exception | None = None
             try:
                 async with conn.channel() as ch:
-                    await ch.qos(self.prefetch)
-                    if declare:
-                        await declare_consumer(ch, self.spec)
-                    error = await self._serve(ch, subscribed)
+                    # A stop cancels the set-up (the broker may never answer it; each
+                    # call also has its deadline), as it cancels the subscription.
+                    setup = self.shutdown.intake_scope()
+                    try:
+                        with setup:
+                            await ch.qos(self.prefetch)
+                            if declare:
+                                await declare_consumer(ch, self.spec)
+                    finally:
+                        self.shutdown.discard(setup)
+                    if not setup.cancel_called:
+                        error = await self._serve(ch, subscribed)
             except (AMQPError, TopologyError) as exc:
                 error = exc
             self._on_subscribed(self.queue, False)

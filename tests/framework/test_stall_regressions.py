@@ -8,6 +8,8 @@ Each test fails on the code before its fix (named in the commit that adds it):
    (the 60 s memory alarm on the real broker is in ``tests/faults/test_alarm.py``);
 2. after start-up, a queue that cannot be declared or consumed does not stop the other
    consumers: its own consumer retries with backoff;
+3. a stop ends while the broker never answers basic.qos, and every synchronous call
+   has a deadline;
 4. a publish issued while the publishing channel is reopened after a 404 gets the
    new channel instead of closing it;
 
@@ -25,10 +27,11 @@ import pytest
 import trio.testing
 from pamqp import commands
 
-from strictconsume import Message, Retry
+from strictconsume import ConsumerSpec, Message, Retry
 from strictconsume._dispatch import SETTLE_FAILURE_PAUSE, SETTLE_TIMEOUT, Shutdown, _ChannelState
 from strictconsume._publisher import PublishChannel
 from strictconsume.amqp import ChannelClosed, ConnectionParameters, connect_stream
+from strictconsume.amqp._channel import CALL_TIMEOUT
 
 from ..amqp.fake_broker import ClientClosed, FakeBroker, pair
 from .test_dispatch_fake import (
@@ -38,6 +41,7 @@ from .test_dispatch_fake import (
     Connector,
     Recorder,
     assert_publishing_shutdown,
+    declarations,
     make_supervisor,
     serve_publishing_startup,
     serve_startup,
@@ -249,14 +253,14 @@ async def test_after_a_reconnect_one_failing_queue_does_not_stop_the_others(
     handled: list[tuple[str, float]] = []
     orders_refusals = {"declare": 2, "consume": 1}
     seen: dict[str, Any] = {}
+    ready = anyio.Event()
 
     async def handler(msg: Message) -> None:
         handled.append((msg.queue, anyio.current_time()))
 
     async def first(broker: FakeBroker) -> None:
         await serve_startup(broker, specs)
-        while not supervisor.ever_ready:
-            await anyio.sleep(0.01)
+        await ready.wait()
         await broker.send_eof()  # the connection is lost, after start-up
         await broker.expect_eof()
 
@@ -310,7 +314,8 @@ async def test_after_a_reconnect_one_failing_queue_does_not_stop_the_others(
         async with anyio.create_task_group() as tg:
             connector = Connector(tg, [first, second])
             supervisor = make_supervisor(connector, specs, shutdown=shutdown, rng=random.Random(4))
-            await supervisor.run()
+            await tg.start(supervisor.run)
+            ready.set()
     assert [queue for queue, _ in handled] == ["invoices", "orders"]
     assert handled[1][1] > handled[0][1]  # orders came back after its backoff
     assert seen == {
@@ -321,3 +326,106 @@ async def test_after_a_reconnect_one_failing_queue_does_not_stop_the_others(
     assert orders_refusals == {"declare": 0, "consume": 0}
     assert len(connector.calls) == 2
     assert supervisor.reconnects == 1
+
+
+# -- 3. a stop never hangs on a broker that does not answer ---------------------------------
+
+
+async def serve_declarations(broker: FakeBroker, spec: ConsumerSpec) -> None:
+    await broker.handshake()
+    await broker.open_channel(1)
+    for _ in declarations(spec):
+        declare = await broker.expect(commands.Queue.Declare, 1)
+        await broker.send(1, commands.Queue.DeclareOk(declare.queue, 0, 0))
+    await broker.close_channel(1)
+
+
+async def answer_closes(broker: FakeBroker, seen: list[tuple[float, int, str]]) -> None:
+    """Answer channel and connection closes (nothing else) until the client is gone."""
+    while True:
+        try:
+            got = await broker.receive_frame()
+        except ClientClosed:
+            return
+        seen.append((got.time, got.channel, getattr(got.frame, "name", "?")))
+        if isinstance(got.frame, commands.Channel.Close):
+            await broker.send(got.channel, commands.Channel.CloseOk())
+        elif isinstance(got.frame, commands.Connection.Close):
+            await broker.send(0, commands.Connection.CloseOk())
+
+
+@autojump()
+async def test_a_stop_ends_while_the_broker_never_answers_basic_qos(anyio_backend: Any) -> None:
+    """The broker keeps the connection but never answers the consumer's basic.qos. A
+    graceful stop at t=1 must end the run at once (it cancels the set-up), and in
+    any case a second stop at t=2 must. Before, the set-up ran outside any scope a
+    stop cancels and had no deadline: the run never ended."""
+    shutdown = Shutdown()
+    seen: list[tuple[float, int, str]] = []
+    returned_at: list[float] = []
+
+    async def script(broker: FakeBroker) -> None:
+        await serve_declarations(broker, spec)
+        await broker.open_channel(FIRST_CONSUMER_CHANNEL)
+        await broker.expect(commands.Basic.Qos, FIRST_CONSUMER_CHANNEL)  # never answered
+        await answer_closes(broker, seen)
+
+    async def stop() -> None:
+        await anyio.sleep(1.0)
+        shutdown.request(30.0)
+        await anyio.sleep(1.0)
+        shutdown.force()
+
+    spec = spec_for(_noop)
+    with anyio.fail_after(600):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(stop)
+            t0 = anyio.current_time()
+            await make_supervisor(Connector(tg, [script]), [spec], shutdown=shutdown).run()
+            returned_at.append(anyio.current_time() - t0)
+            tg.cancel_scope.cancel()
+    assert returned_at == [1.0]
+    assert [(t - t0, ch, name) for t, ch, name in seen] == [
+        (1.0, FIRST_CONSUMER_CHANNEL, "Channel.Close"),
+        (1.0, 0, "Connection.Close"),
+    ]
+
+
+@autojump()
+async def test_an_unanswered_basic_qos_gives_up_its_channel_after_the_call_timeout(
+    anyio_backend: Any,
+) -> None:
+    """Every synchronous call has a deadline: the unanswered basic.qos fails after
+    CALL_TIMEOUT, the channel is closed, and the consumer subscribes again on a new
+    one (after a backoff of 0 s here)."""
+    shutdown = Shutdown()
+    times: dict[str, float] = {}
+
+    async def script(broker: FakeBroker) -> None:
+        await serve_declarations(broker, spec)
+        t0 = anyio.current_time()
+        await broker.open_channel(FIRST_CONSUMER_CHANNEL)
+        await broker.expect(commands.Basic.Qos, FIRST_CONSUMER_CHANNEL)  # never answered
+        await broker.close_channel(FIRST_CONSUMER_CHANNEL)
+        times["closed"] = anyio.current_time() - t0
+        await broker.open_channel(FIRST_CONSUMER_CHANNEL)
+        await broker.expect(commands.Basic.Qos, FIRST_CONSUMER_CHANNEL)
+        await broker.send(FIRST_CONSUMER_CHANNEL, commands.Basic.QosOk())
+        for _ in declarations(spec):  # declared again on its own channel
+            declare = await broker.expect(commands.Queue.Declare, FIRST_CONSUMER_CHANNEL)
+            await broker.send(FIRST_CONSUMER_CHANNEL, commands.Queue.DeclareOk(declare.queue, 0, 0))
+        consume = await broker.expect(commands.Basic.Consume, FIRST_CONSUMER_CHANNEL)
+        await broker.send(FIRST_CONSUMER_CHANNEL, commands.Basic.ConsumeOk(consume.consumer_tag))
+        times["subscribed"] = anyio.current_time() - t0
+        shutdown.request(5.0)
+        assert await serve_until_closed(broker) == CLEAN_SHUTDOWN
+
+    spec = spec_for(_noop)
+    with anyio.fail_after(600):
+        async with anyio.create_task_group() as tg:
+            await make_supervisor(Connector(tg, [script]), [spec], shutdown=shutdown).run()
+    assert times == {"closed": CALL_TIMEOUT, "subscribed": CALL_TIMEOUT}
+
+
+async def _noop(msg: Message) -> None:
+    pass
