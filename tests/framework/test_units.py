@@ -13,6 +13,7 @@ import itertools
 import os
 import sys
 import textwrap
+import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -215,6 +216,41 @@ def test_received_tags_must_increase(first: int, second: int) -> None:
 def test_first_tag_must_be_positive() -> None:
     with pytest.raises(ValueError, match="must increase"):
         AckTracker().received(0)
+
+
+def test_memory_stays_bounded_behind_one_stuck_tag() -> None:
+    """200,000 messages go past tag 1, whose handler never finishes (prefetch 64,
+    a flush per 8). The tracker must hold what is in flight, not what went past: the
+    old one kept every tag above the gap until tag 1 settled (about 14 MiB here, and
+    a final flush that walked them all)."""
+    prefetch, batch, total = 64, 8, 200_000
+    tracker = tracker_with(1)
+    acked = 0
+    in_flight: list[int] = []
+    tracemalloc.start()
+    try:
+        for tag in range(2, total + 1):
+            tracker.received(tag)
+            in_flight.append(tag)
+            if len(in_flight) == prefetch - 1:
+                for done in in_flight[:batch]:
+                    tracker.finished(done)
+                del in_flight[:batch]
+                acks = tracker.flush()
+                assert not any(ack.multiple for ack in acks)  # above the gap: singly
+                acked += len(acks)
+                assert tracker.unsettled <= prefetch
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 256 * 1024
+    assert acked == total - 1 - len(in_flight)  # every finished tag, singly
+    for done in in_flight:
+        tracker.finished(done)
+    tracker.finished(1)
+    final = tracker.flush()
+    assert final == [Ack(total, multiple=True)]
+    assert tracker.unsettled == 0
 
 
 # -- 2. the ack tracker against a model of the broker --------------------------------------
