@@ -43,7 +43,7 @@ from ._message import (
 from ._native import HandlerGroup, Native
 from ._outcome import Outcome, OutcomeKind, decide, error_type
 from ._publisher import COPIES
-from ._retry import dead_letter_queue_name, retry_queue_name
+from ._retry import AD_HOC_LEASE_RENEWAL, dead_letter_queue_name, retry_queue_name
 from ._topology import TopologyError, dead_letter_arguments, declare_consumer, retry_arguments
 from .amqp import AMQPError, ChannelClosed, ConsumerCancelled, MessageReturned, Properties
 from .amqp._connection import asyncio_cancel_requested
@@ -380,6 +380,8 @@ class Dispatcher:
         self._random = random
         self._backoff = backoff
         self._state: _ChannelState | None = None
+        #: When this consumer last declared each ad-hoc retry queue (a bounded set).
+        self._leases: dict[str, float] = {}
         #: The running loop's primitives; set when a channel is served.
         self._native: Native
 
@@ -700,13 +702,20 @@ class Dispatcher:
         return outcome
 
     async def _publish_retry(self, msg: Message, outcome: Outcome) -> None:
-        assert outcome.delay is not None
-        await self._publish_copy(
-            msg,
-            retry_queue_name(self.queue, outcome.delay),
-            retry_arguments(self.spec, outcome.delay),
-            retry_headers(msg),
-        )
+        delay = outcome.delay
+        assert delay is not None
+        queue = retry_queue_name(self.queue, delay)
+        arguments = retry_arguments(self.spec, delay)
+        if self.spec.retry.is_ad_hoc(delay):
+            # An ad-hoc queue expires when unused; publishing does not renew its
+            # lease, declaring does: declare it when our last declaration is old.
+            now = anyio.current_time()
+            if now - self._leases.get(queue, -math.inf) >= AD_HOC_LEASE_RENEWAL:
+                await self._publishing.declare_queue(
+                    queue, arguments, durable=self.spec.durable, purpose=COPIES
+                )
+                self._leases[queue] = now
+        await self._publish_copy(msg, queue, arguments, retry_headers(msg))
 
     async def _publish_copy(
         self, msg: Message, queue: str, arguments: FieldTable | None, headers: FieldTable

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ._retry import (
+    ad_hoc_queue_arguments,
     dead_letter_queue_name,
     main_queue_arguments,
     retry_queue_arguments,
@@ -89,8 +90,11 @@ def dead_letter_arguments(spec: ConsumerSpec) -> FieldTable | None:
 
 
 def retry_arguments(spec: ConsumerSpec, delay: float) -> FieldTable:
-    """The arguments of the consumer's retry queue for ``delay`` seconds."""
+    """The arguments of the consumer's retry queue for ``delay`` seconds (an ad-hoc
+    one, outside the policy, expires when unused)."""
     arguments = dict(retry_queue_arguments(spec.queue, delay))
+    if spec.retry.is_ad_hoc(delay):
+        arguments.update(ad_hoc_queue_arguments(delay))
     if spec.queue_type == "quorum":
         arguments.update(QUORUM_RETRY_ARGUMENTS)
     return arguments

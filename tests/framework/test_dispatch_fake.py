@@ -21,7 +21,7 @@ import anyio.abc
 import attrs
 import pytest
 import trio.testing
-from pamqp import body, commands, header
+from pamqp import commands, header
 
 from strictconsume import (
     ConsumerSpec,
@@ -602,9 +602,10 @@ async def test_shutdown_grace_then_nack_with_requeue(anyio_backend: Any) -> None
 async def test_retry_delay_outside_the_policy_declares_its_retry_queue(
     anyio_backend: Any,
 ) -> None:
-    """``RetryLater(delay=2.5)`` with no ``.retry.2500`` queue declared: the mandatory
-    publish comes back, the queue is declared on the publishing channel, the copy is
-    published again, and only then is the original acked."""
+    """``RetryLater(delay=2.5)`` (2.5 s is an ad-hoc step) with no ``.retry.2500``
+    queue in the policy: the queue is declared on the copies' channel, with
+    ``x-expires`` (its TTL plus two hours), the copy published, and only then is the
+    original acked."""
     shutdown = Shutdown()
 
     async def handler(msg: Message) -> None:
@@ -623,16 +624,6 @@ async def test_retry_delay_outside_the_policy_declares_its_retry_queue(
 
     async def publishing(broker: FakeBroker) -> None:
         await serve_publishing_startup(broker)
-        method, data = await broker.expect_publish(PUBLISH_CHANNEL)
-        assert (method.routing_key, method.mandatory, data) == ("orders.retry.2500", True, b"later")
-        await broker.send_raw(
-            FakeBroker.frame(
-                PUBLISH_CHANNEL, commands.Basic.Return(312, "NO_ROUTE", "", "orders.retry.2500")
-            )
-            + FakeBroker.frame(PUBLISH_CHANNEL, header.ContentHeader(0, 5))
-            + FakeBroker.frame(PUBLISH_CHANNEL, body.ContentBody(b"later"))
-            + FakeBroker.frame(PUBLISH_CHANNEL, commands.Basic.Ack(1))
-        )
         declare = await broker.expect(commands.Queue.Declare, PUBLISH_CHANNEL)
         assert (declare.queue, declare.durable, declare.arguments) == (
             "orders.retry.2500",
@@ -641,13 +632,14 @@ async def test_retry_delay_outside_the_policy_declares_its_retry_queue(
                 "x-message-ttl": 2500,
                 "x-dead-letter-exchange": "",
                 "x-dead-letter-routing-key": "orders",
+                "x-expires": 2500 + 7_200_000,
             },
         )
         await broker.send(PUBLISH_CHANNEL, commands.Queue.DeclareOk("orders.retry.2500", 0, 0))
         method, data = await broker.expect_publish(PUBLISH_CHANNEL)
-        assert (method.routing_key, data) == ("orders.retry.2500", b"later")
+        assert (method.routing_key, method.mandatory, data) == ("orders.retry.2500", True, b"later")
         assert (content_header(broker).properties.headers or {})["x-attempt"] == 2
-        await broker.send(PUBLISH_CHANNEL, commands.Basic.Ack(2))
+        await broker.send(PUBLISH_CHANNEL, commands.Basic.Ack(1))
         copied.set()
         assert_publishing_shutdown(await serve_until_closed(broker))
 

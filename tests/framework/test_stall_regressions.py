@@ -10,6 +10,8 @@ Each test fails on the code before its fix (named in the commit that adds it):
    consumers: its own consumer retries with backoff;
 3. a stop ends while the broker never answers basic.qos, and every synchronous call
    has a deadline;
+6. an ad-hoc retry queue (which expires when unused) is declared again before a
+   publish once its lease is old;
 4. a publish issued while the publishing channel is reopened after a 404 gets the
    new channel instead of closing it;
 
@@ -27,9 +29,10 @@ import pytest
 import trio.testing
 from pamqp import commands
 
-from strictconsume import ConsumerSpec, Message, Retry
+from strictconsume import ConsumerSpec, Message, Retry, RetryLater
 from strictconsume._dispatch import SETTLE_FAILURE_PAUSE, SETTLE_TIMEOUT, Shutdown, _ChannelState
 from strictconsume._publisher import PublishChannel
+from strictconsume._retry import AD_HOC_LEASE_RENEWAL
 from strictconsume.amqp import ChannelClosed, ConnectionParameters, connect_stream
 from strictconsume.amqp._channel import CALL_TIMEOUT
 
@@ -429,3 +432,66 @@ async def test_an_unanswered_basic_qos_gives_up_its_channel_after_the_call_timeo
 
 async def _noop(msg: Message) -> None:
     pass
+
+
+# -- 6. ad-hoc retry queues: bounded, expiring, their lease renewed before use ----------------
+
+
+@autojump()
+async def test_an_ad_hoc_retry_queue_is_declared_again_before_its_lease_runs_out(
+    anyio_backend: Any,
+) -> None:
+    """An ad-hoc retry queue expires once unused (``x-expires``), and publishing does
+    not renew that lease: a copy published to it just before it expires would be
+    deleted with it. So it is declared again before a publish once our last
+    declaration is ``AD_HOC_LEASE_RENEWAL`` old, and not before."""
+    shutdown = Shutdown()
+    delivered_at = [0.0, AD_HOC_LEASE_RENEWAL / 2, AD_HOC_LEASE_RENEWAL + 1]
+    copies: list[tuple[float, str]] = []
+
+    async def handler(msg: Message) -> None:
+        raise RetryLater(delay=2.5)
+
+    async def script(broker: FakeBroker) -> None:
+        [tag] = await serve_startup(broker, [spec])
+        t0 = anyio.current_time()
+        for n, when in enumerate(delivered_at, 1):
+            await anyio.sleep_until(t0 + when)
+            await broker.deliver(FIRST_CONSUMER_CHANNEL, tag, n, b"later")
+            ack = await broker.expect(commands.Basic.Ack, FIRST_CONSUMER_CHANNEL)
+            assert (ack.delivery_tag, ack.multiple) == (n, False)
+        shutdown.request(5.0)
+        assert await serve_until_closed(broker) == CLEAN_SHUTDOWN
+
+    async def publishing(broker: FakeBroker) -> None:
+        await serve_publishing_startup(broker)
+        t0 = anyio.current_time()
+        published = 0
+        while published < len(delivered_at):
+            got = await broker.receive_frame()
+            if isinstance(got.frame, commands.Queue.Declare):
+                copies.append((got.time - t0, "declare"))
+                await broker.send(PUBLISH_CHANNEL, commands.Queue.DeclareOk(got.frame.queue, 0, 0))
+            else:
+                assert isinstance(got.frame, commands.Basic.Publish), got.frame
+                assert got.frame.routing_key == "orders.retry.2500"
+                await broker.receive_frame()  # the content header
+                await broker.receive_frame()  # the body
+                published += 1
+                copies.append((got.time - t0, "publish"))
+                await broker.send(PUBLISH_CHANNEL, commands.Basic.Ack(published))
+        assert_publishing_shutdown(await serve_until_closed(broker))
+
+    spec = spec_for(handler, retry=Retry(delays=(1.0,)))
+    with anyio.fail_after(3 * AD_HOC_LEASE_RENEWAL):
+        async with anyio.create_task_group() as tg:
+            await make_supervisor(
+                Connector(tg, [script, publishing]), [spec], shutdown=shutdown
+            ).run()
+    assert copies == [
+        (0.0, "declare"),
+        (0.0, "publish"),
+        (AD_HOC_LEASE_RENEWAL / 2, "publish"),
+        (AD_HOC_LEASE_RENEWAL + 1, "declare"),
+        (AD_HOC_LEASE_RENEWAL + 1, "publish"),
+    ]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 import itertools
 import os
+import random
 import sys
 import textwrap
 import tracemalloc
@@ -50,7 +51,7 @@ from strictconsume._retry import (
     retry_queue_name,
 )
 from strictconsume._settings import DEFAULT_URL, Settings, resolve_settings
-from strictconsume._topology import queue_arguments
+from strictconsume._topology import queue_arguments, retry_arguments
 from strictconsume.amqp import Delivery, Properties
 
 PASSWORD = "Pw-unit-9QxZ-never-shown"
@@ -331,6 +332,31 @@ def test_tracker_acks_exactly_the_finished_tags_and_never_a_running_one(
     assert tracker.unsettled == 0
 
 
+def test_ad_hoc_retry_delays_use_a_bounded_set_of_expiring_queues() -> None:
+    """Jittered ``RetryLater(delay=uniform(1, 60))`` used to make one durable queue
+    per distinct millisecond (tens of thousands); now at most 19, each within 16 % of
+    the delay asked for. The policy's delays keep their exact queues, without
+    ``x-expires``; the ad-hoc ones expire once unused for their TTL plus two hours."""
+    rng = random.Random(14)
+    spec = ConsumerSpec("orders", _noop_handler, retry=RETRY)
+    queues: set[str] = set()
+    for _ in range(100_000):
+        asked = rng.uniform(1, 60)
+        outcome = decide(RetryLater(asked), attempt=1, retry=RETRY)
+        assert outcome.delay is not None
+        assert abs(outcome.delay / asked - 1) <= 0.155
+        queues.add(retry_queue_name("orders", outcome.delay))
+    assert len(queues) <= 19
+    for delay in RETRY.delays:  # exactly the policy's own queue
+        assert decide(RetryLater(delay), attempt=1, retry=RETRY).delay == delay
+        assert "x-expires" not in retry_arguments(spec, delay)
+    assert retry_arguments(spec, 8.0)["x-expires"] == 8000 + 7_200_000
+
+
+async def _noop_handler(msg: Message) -> None:
+    pass
+
+
 # -- 3. backoff --------------------------------------------------------------------------
 
 
@@ -437,9 +463,10 @@ def test_retry_later_with_delay_overrides_the_policys() -> None:
         error_type="strictconsume.RetryLater",
         error_message="retry in 2.5 s",
     )
+    # 7 s is not in the policy: the nearest ad-hoc step (a bounded set of queues).
     assert decide(RetryLater(7, reason="rate limited"), attempt=1, retry=RETRY) == Outcome(
         OutcomeKind.RETRY,
-        delay=7.0,
+        delay=8.0,
         error_type="strictconsume.RetryLater",
         error_message="rate limited",
     )
