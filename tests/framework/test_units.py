@@ -1241,6 +1241,21 @@ def test_main_returns_1_on_unusable_settings(
     assert "environment variable STRICTCONSUME_PREFETCH" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("query", ["frame_max=0", "channel_max=0", "heartbeat=70000"])
+def test_a_url_option_the_client_refuses_is_one_line_and_exit_1(
+    make_module: Any, capsys: pytest.CaptureFixture[str], query: str
+) -> None:
+    """These passed URL parsing and were refused after every TCP connect: the App
+    logged "unexpected error ... reconnecting" with a traceback for ever."""
+    name = make_module(CONSUMERS_MODULE)
+    assert main(["--url", f"amqp://alice:{PASSWORD}@rabbit/?{query}", name]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("strictconsume: error: option --url: ")
+    assert f"{query.partition('=')[0]} must be between" in err
+    assert err.count("\n") == 1
+    assert PASSWORD not in err
+
+
 def test_bad_option_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exc_info:
         main(["--backend", "curio", "mod"])
