@@ -13,8 +13,9 @@ The outcome is decided by the code the App runs (:func:`decide` over the handler
 exception, the consumer's :class:`Retry` policy and the message's attempt), the
 handler runs under its ``timeout`` as in the App, and the properties go through the
 AMQP codec first, so headers arrive as they would from a publisher using this
-package (pamqp encodes a ``float`` as single precision; ``bytes`` arrive as
-``bytearray``). :func:`run_handler_sync` is the same for tests that are not async.
+package (a ``float`` as a double, as the App's copies and ``app.publisher()`` send
+it; ``bytes`` arrive as ``bytearray``). :func:`run_handler_sync` is the same for
+tests that are not async.
 
 Not modelled: what the broker does on its own, such as a quorum queue's delivery
 limit dead-lettering a message that was requeued too often (``delivery_count=``
@@ -40,6 +41,7 @@ from ._outcome import OutcomeKind, decide, error_type, sole_exception
 from ._retry import Retry, dead_letter_queue_name, retry_queue_name
 from .amqp import Delivery, Properties
 from .amqp._channel import encodable_table
+from .amqp._codec import exact_floats
 
 if TYPE_CHECKING:
     from pamqp.common import FieldTable
@@ -98,7 +100,10 @@ def _through_the_codec(properties: Properties, body_size: int) -> Properties:
     """``properties`` encoded and decoded as a delivery's content header is."""
     if properties.headers:
         properties.headers = encodable_table(properties.headers)
-    data = pamqp_frame.marshal(pamqp_header.ContentHeader(0, body_size, properties), 1)
+    # Floats as doubles, as the App and this package's publisher send them.
+    data = pamqp_frame.marshal(
+        pamqp_header.ContentHeader(0, body_size, exact_floats(properties)), 1
+    )
     decoded = pamqp_frame.unmarshal(data)[2]
     assert isinstance(decoded, pamqp_header.ContentHeader)
     return decoded.properties
