@@ -200,6 +200,8 @@ class Channel:
         self._consumers: dict[str, Consumer] = {}
         self._confirming = False
         self._confirms: dict[int, Waiter[bool]] = {}
+        #: Tags of no-ack consumers until their cancel-ok: a delivery for one that
+        #: arrives after we stopped listening must not be nacked (it is acked already).
         self._no_ack_tags: set[str] = set()
         self._returned: dict[int, Returned] = {}
         self._error: BaseException | None = None
@@ -467,6 +469,8 @@ class Channel:
             if consumer.consumer_tag in self._consumers and self.is_open:
                 with anyio.move_on_after(CLOSE_TIMEOUT), contextlib.suppress(AMQPError):
                     await self._call(commands.Basic.Cancel(consumer_tag=consumer.consumer_tag))
+                    # cancel-ok: no delivery for this tag can follow any more
+                    self._no_ack_tags.discard(consumer.consumer_tag)
             self._consumers.pop(consumer.consumer_tag, None)
             consumer._end(None)
             left = consumer._drain()
@@ -653,6 +657,7 @@ class Channel:
 
     def _on_consumer_cancelled(self, event: ConsumerCancelledByBroker) -> None:
         tag = event.consumer_tag
+        self._no_ack_tags.discard(tag)  # the broker sends nothing for it after this
         consumer = self._consumers.pop(tag, None)
         if consumer is not None:
             consumer._end(ConsumerCancelled(tag, consumer.queue))
