@@ -21,10 +21,11 @@ has a new tracker and the old one's handlers are cancelled before it closes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 import anyio
@@ -148,6 +149,17 @@ class Shutdown:
             scope.cancel()
         self._graces.add(scope)
         return scope
+
+    @contextlib.contextmanager
+    def intake(self) -> Iterator[anyio.CancelScope]:
+        """:meth:`intake_scope`, entered, and forgotten on the way out however the
+        block ends (a connection lost while it waits cancels it from outside)."""
+        scope = self.intake_scope()
+        try:
+            with scope:
+                yield scope
+        finally:
+            self.discard(scope)
 
     def discard(self, scope: anyio.CancelScope) -> None:
         self._intakes.discard(scope)
@@ -482,9 +494,8 @@ class Dispatcher:
                 delay,
                 extra={"event": "resubscribing", "queue": self.queue, "delay": round(delay, 3)},
             )
-            with self.shutdown.intake_scope() as scope:
+            with self.shutdown.intake():
                 await anyio.sleep(delay)
-            self.shutdown.discard(scope)
         if status is not None:  # stopped before it ever subscribed
             status.started()
 

@@ -211,9 +211,8 @@ class Supervisor:
                         exc_info=error,
                         extra={"event": "reconnecting", "delay": round(delay, 3)},
                     )
-                with self.shutdown.intake_scope() as sleep_scope:
+                with self.shutdown.intake():
                     await anyio.sleep(delay)
-                self.shutdown.discard(sleep_scope)
         finally:
             if not self.ever_ready and self.shutdown.requested:
                 task_status.started()  # stopped during start-up: nothing to wait for

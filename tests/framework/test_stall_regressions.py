@@ -35,6 +35,7 @@ from pamqp import commands
 
 import strictconsume as sc
 from strictconsume import ConsumerSpec, Message, Retry, RetryLater
+from strictconsume._backoff import DEFAULT_BACKOFF
 from strictconsume._dispatch import SETTLE_FAILURE_PAUSE, SETTLE_TIMEOUT, Shutdown, _ChannelState
 from strictconsume._publisher import PublishChannel
 from strictconsume._retry import AD_HOC_LEASE_RENEWAL
@@ -569,3 +570,42 @@ async def test_a_retry_refused_by_a_full_classic_queue_waits_until_it_has_room(
         for name in (queue, f"{queue}.dlq", retry_queue):
             await oracle.delete(name)
     assert seen == [(b"m", 1), (b"filler", 1), (b"m", 2)]
+
+
+# -- 9. smaller ones --------------------------------------------------------------------------
+
+
+@autojump()
+async def test_a_backoff_cut_short_by_a_lost_connection_leaves_no_intake_scope_behind(
+    anyio_backend: Any,
+) -> None:
+    """The broker cancels the consumer, which waits its backoff in an intake scope
+    (so that a stop ends the wait); the connection is lost meanwhile, which cancels
+    that wait from outside. The scope must be forgotten then too: it was discarded
+    only after a wait that ended normally, and every such loss left one more behind
+    in the App's Shutdown."""
+    shutdown = Shutdown()
+    intakes: list[int] = []
+
+    async def first(broker: FakeBroker) -> None:
+        [tag] = await serve_startup(broker, [spec])
+        await broker.send(FIRST_CONSUMER_CHANNEL, commands.Basic.Cancel(tag, nowait=True))
+        await broker.close_channel(FIRST_CONSUMER_CHANNEL)
+        await anyio.sleep(0.1)  # the consumer waits its backoff (0.42 s) ...
+        await broker.send_eof()  # ... when the connection is lost
+        await broker.expect_eof()
+
+    async def second(broker: FakeBroker) -> None:
+        await serve_startup(broker, [spec])
+        intakes.append(len(shutdown._intakes))  # the new subscription's only
+        shutdown.request(5.0)
+        assert await serve_until_closed(broker) == CLEAN_SHUTDOWN
+
+    spec = spec_for(_noop)
+    assert DEFAULT_BACKOFF.delay(0, random.Random(0).random()) > 0.1
+    with anyio.fail_after(60):
+        async with anyio.create_task_group() as tg:
+            connector = Connector(tg, [first, second])
+            await make_supervisor(connector, [spec], shutdown=shutdown, rng=random.Random(0)).run()
+    assert intakes == [1]
+    assert not shutdown._intakes
