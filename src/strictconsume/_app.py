@@ -382,6 +382,8 @@ class App:
         Signals are only handled in the main thread; pass ``handle_signals=False``
         when the host program handles them.
         """
+        if self._supervisor is not None:  # before replacing the running one's shutdown
+            raise RuntimeError("this App is running already")
         shutdown = self._shutdown = Shutdown()
         error: BaseException | None = None
         async with anyio.create_task_group() as tg:

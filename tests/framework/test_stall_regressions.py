@@ -609,3 +609,28 @@ async def test_a_backoff_cut_short_by_a_lost_connection_leaves_no_intake_scope_b
             await make_supervisor(connector, [spec], shutdown=shutdown, rng=random.Random(0)).run()
     assert intakes == [1]
     assert not shutdown._intakes
+
+
+@pytest.mark.broker
+async def test_run_inside_running_raises_and_leaving_the_block_still_stops(
+    anyio_backend: Any, broker_url: str
+) -> None:
+    """``app.run()`` inside ``app.running()`` raised, but had replaced the App's
+    shutdown first: leaving the block then stopped nothing and hung."""
+    oracle = Oracle(broker_url)
+    queue = f"sc-twice-{uuid.uuid4().hex}"
+    app = sc.App(url=broker_url, grace_period=1.0)
+
+    @app.consumer(queue, retry=sc.Retry(delays=()), timeout=5.0)
+    async def handle(msg: sc.Message) -> None:
+        pass
+
+    try:
+        with anyio.fail_after(15):
+            async with app.running():
+                with pytest.raises(RuntimeError, match="running already"):
+                    await app.run(handle_signals=False)
+        assert not app.is_running
+    finally:
+        for name in (queue, f"{queue}.dlq"):
+            await oracle.delete(name)
