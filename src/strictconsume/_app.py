@@ -440,10 +440,11 @@ class App:
         """A :class:`Publisher` for confirmed publishing from user code.
 
         While the App runs it uses the App's publishing connection (and waits while
-        it reconnects); otherwise the block opens a connection of its own.
+        it reconnects); otherwise the block opens a connection of its own, to the
+        first of the App's URLs that accepts one.
         """
         if self._supervisor is not None:
             yield Publisher(self._publishing)
             return
-        async with own_connection_publisher(self.settings.urls[:1]) as publisher:
+        async with own_connection_publisher(self.settings.parameters) as publisher:
             yield publisher

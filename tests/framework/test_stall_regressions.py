@@ -13,7 +13,10 @@ Each test fails on the code before its fix (named in the commit that adds it):
 6. an ad-hoc retry queue (which expires when unused) is declared again before a
    publish once its lease is old;
 8. a retried copy that a full classic queue refuses is kept until it has room (real
-   broker, pika as the oracle).
+   broker, pika as the oracle);
+9. smaller ones: a lost connection during a backoff leaves no intake scope behind;
+   ``app.run()`` inside ``app.running()`` raises and the block still stops; a
+   publisher outside a running App tries every URL.
 4. a publish issued while the publishing channel is reopened after a 404 gets the
    new channel instead of closing it;
 
@@ -634,3 +637,22 @@ async def test_run_inside_running_raises_and_leaving_the_block_still_stops(
     finally:
         for name in (queue, f"{queue}.dlq"):
             await oracle.delete(name)
+
+
+@pytest.mark.broker
+async def test_a_publisher_outside_a_running_app_tries_every_url(
+    anyio_backend: Any, broker_url: str
+) -> None:
+    """Outside a running App, ``app.publisher()`` connected to the first URL only: a
+    cluster whose first node is down could not publish."""
+    oracle = Oracle(broker_url)
+    queue = f"sc-urls-{uuid.uuid4().hex}"
+    await oracle.declare(queue)
+    try:
+        app = sc.App(url=["amqp://guest:guest@127.0.0.1:1/", broker_url])
+        with anyio.fail_after(15):
+            async with app.publisher() as pub:
+                await pub.publish(b"to the second node", routing_key=queue)
+        assert await oracle.message_count(queue) == 1
+    finally:
+        await oracle.delete(queue)
