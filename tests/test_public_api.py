@@ -24,6 +24,7 @@ AMQP_NAMES = {
     "PublishNacked",
     "QueueDeclareOk",
     "RemoteProtocolError",
+    "ReplyTimeout",
     "Timestamp",
     "UnsupportedSetting",
     "connect",

@@ -2,27 +2,30 @@
 
 RabbitMQ numbers the deliveries of a channel 1, 2, 3, ... and ``basic.ack`` with
 ``multiple=True`` settles every unsettled tag up to the one given. Handlers finish in
-any order, so the tracker keeps, per channel, the tags received and not yet settled,
-in order, and the tags finished since the last flush. A flush (run once per batch of
-finished handlers) turns them into frames:
+any order, so the tracker keeps, per channel, the tags whose handler still runs and
+the tags finished since the last flush, and nothing else: its size is bounded by the
+prefetch window, not by how many messages went past a slow one. A flush (run once
+per batch of finished handlers) turns the finished tags into frames:
 
-- the contiguous prefix of settled tags at the bottom of the window is settled by
-  one ``ack(highest finished tag in it, multiple=True)``, or a single ack when it
-  holds only one finished tag;
+- the finished tags below the lowest running tag are settled by one
+  ``ack(highest of them, multiple=True)``, or a single ack when there is only one:
+  every tag below that one is finished or settled already (acked singly, nacked or
+  rejected), and the broker ignores those that are no longer unacked;
 - finished tags above a gap (a lower tag still running) are acked singly, at once,
-  so that a slow message never holds back the rest of the prefetch window;
+  so that a slow message never holds back the rest of the prefetch window, and
+  forgotten;
 - nacks and rejects are sent singly by the dispatcher when they happen; the tracker
-  only learns that those tags are settled (so that a later multiple-ack may cover
-  them: the broker ignores tags that are no longer unacked).
+  only forgets those tags.
 
-A multiple-ack never covers a tag that is still running: every tag below the
-acknowledged one is either finished or already settled. A tracker belongs to one
-channel; a replaced channel gets a new tracker, so no tag crosses a channel's life.
+A multiple-ack never covers a tag that is still running, and the tag it names is
+always one that is unacked on the broker (finished, not yet acked). A tracker belongs
+to one channel; a replaced channel gets a new tracker, so no tag crosses a channel's
+life.
 """
 
 from __future__ import annotations
 
-from collections import deque
+import bisect
 
 import attrs
 
@@ -39,16 +42,13 @@ class Ack:
 
 @attrs.define
 class AckTracker:
-    """Per-channel bookkeeping of unsettled delivery tags (sans-IO)."""
+    """Per-channel bookkeeping of unsettled delivery tags (sans-IO), in memory
+    proportional to the prefetch window."""
 
-    #: Tags received and not yet known to be settled on the broker, ascending.
-    _window: deque[int] = attrs.field(factory=deque, init=False)
-    #: Finished tags not yet acked.
-    _finished: set[int] = attrs.field(factory=set, init=False)
-    #: Tags settled (acked singly, nacked, rejected) but still inside the window.
-    _settled: set[int] = attrs.field(factory=set, init=False)
     #: Tags received whose handler has not finished and that are not settled.
     _running: set[int] = attrs.field(factory=set, init=False)
+    #: Finished tags not yet acked.
+    _finished: set[int] = attrs.field(factory=set, init=False)
     _last_received: int = attrs.field(default=0, init=False)
 
     def received(self, delivery_tag: int) -> None:
@@ -58,7 +58,6 @@ class AckTracker:
                 f"delivery tags must increase: {delivery_tag} after {self._last_received}"
             )
         self._last_received = delivery_tag
-        self._window.append(delivery_tag)
         self._running.add(delivery_tag)
 
     def finished(self, delivery_tag: int) -> None:
@@ -69,47 +68,40 @@ class AckTracker:
     def settled(self, delivery_tag: int) -> None:
         """This tag was settled by a nack or reject sent elsewhere."""
         self._check_unsettled(delivery_tag)
-        self._settled.add(delivery_tag)
-        self._trim()
 
     @property
     def unsettled(self) -> int:
         """How many received tags are neither acked nor otherwise settled."""
-        return len(self._window) - len(self._settled)
+        return len(self._running) + len(self._finished)
 
     @property
     def pending(self) -> int:
         """How many finished tags :meth:`flush` would ack (true when it has acks)."""
         return len(self._finished)
 
+    @property
+    def size(self) -> int:
+        """How many tags the tracker holds (at most the prefetch window)."""
+        return len(self._running) + len(self._finished)
+
     def flush(self) -> list[Ack]:
         """The acks that settle every finished tag, coalesced where possible."""
-        if not self._finished:
+        finished = self._finished
+        if not finished:
             return []
-        acks: list[Ack] = []
-        window, finished, settled = self._window, self._finished, self._settled
-        highest = 0
-        count = 0
-        while window and (window[0] in finished or window[0] in settled):
-            tag = window.popleft()
-            if tag in finished:
-                finished.discard(tag)
-                highest = tag
-                count += 1
-            else:
-                settled.discard(tag)
-        if count:
-            acks.append(Ack(highest, multiple=count > 1))
-        for tag in sorted(finished):  # above a gap: singly, now
-            acks.append(Ack(tag))
-            settled.add(tag)
+        lowest_running = min(self._running, default=None)
+        done = sorted(finished)
         finished.clear()
+        if lowest_running is None:
+            below, above = done, []
+        else:
+            split = bisect.bisect_left(done, lowest_running)
+            below, above = done[:split], done[split:]
+        acks: list[Ack] = []
+        if below:
+            acks.append(Ack(below[-1], multiple=len(below) > 1))
+        acks.extend(Ack(tag) for tag in above)  # above a gap: singly, now
         return acks
-
-    def _trim(self) -> None:
-        window, settled = self._window, self._settled
-        while window and window[0] in settled:
-            settled.discard(window.popleft())
 
     def _check_unsettled(self, delivery_tag: int) -> None:
         try:

@@ -436,6 +436,8 @@ class App:
         Signals are only handled in the main thread; pass ``handle_signals=False``
         when the host program handles them.
         """
+        if self._supervisor is not None:  # before replacing the running one's shutdown
+            raise RuntimeError("this App is running already")
         shutdown = self._shutdown = Shutdown()
         error: BaseException | None = None
         async with anyio.create_task_group() as tg:
@@ -491,11 +493,12 @@ class App:
     async def publisher(self) -> AsyncIterator[Publisher]:
         """A :class:`Publisher` for confirmed publishing from user code.
 
-        While the App runs it shares the App's connection (and waits while the App
-        reconnects); otherwise the block opens a connection of its own.
+        While the App runs it uses the App's publishing connection (and waits while
+        it reconnects); otherwise the block opens a connection of its own, to the
+        first of the App's URLs that accepts one.
         """
         if self._supervisor is not None:
             yield Publisher(self._publishing)
             return
-        async with own_connection_publisher(self.settings.urls[0]) as publisher:
+        async with own_connection_publisher(self.settings.parameters) as publisher:
             yield publisher

@@ -21,10 +21,11 @@ has a new tracker and the old one's handlers are cancelled before it closes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 import anyio
@@ -42,8 +43,15 @@ from ._message import (
 )
 from ._native import HandlerGroup, Native
 from ._outcome import Outcome, OutcomeKind, decide, error_type
-from ._retry import dead_letter_queue_name, retry_queue_name
-from ._topology import TopologyError, dead_letter_arguments, declare_consumer, retry_arguments
+from ._publisher import COPIES
+from ._retry import AD_HOC_LEASE_RENEWAL, dead_letter_queue_name, retry_queue_name
+from ._topology import (
+    RETRY_QUEUES_DURABLE,
+    TopologyError,
+    dead_letter_arguments,
+    declare_consumer,
+    retry_arguments,
+)
 from ._versions import Version, consumer_timeout_argument, consumer_timeout_cancels
 from .amqp import AMQPError, ChannelClosed, ConsumerCancelled, MessageReturned, Properties
 from .amqp._codec import Headers
@@ -55,7 +63,7 @@ if TYPE_CHECKING:
     from pamqp.common import FieldTable
 
     from ._consumer import ConsumerSpec
-    from ._publisher import PublishChannel
+    from ._publisher import PublishChannelSlot
     from .amqp import Channel, Connection, Delivery
 
 __all__ = ["ACK_DELAY", "SETTLE_TIMEOUT", "Dispatcher", "Shutdown", "ack_batch"]
@@ -150,9 +158,28 @@ class Shutdown:
         self._graces.add(scope)
         return scope
 
+    @contextlib.contextmanager
+    def intake(self) -> Iterator[anyio.CancelScope]:
+        """:meth:`intake_scope`, entered, and forgotten on the way out however the
+        block ends (a connection lost while it waits cancels it from outside)."""
+        scope = self.intake_scope()
+        try:
+            with scope:
+                yield scope
+        finally:
+            self.discard(scope)
+
     def discard(self, scope: anyio.CancelScope) -> None:
         self._intakes.discard(scope)
         self._graces.discard(scope)
+
+
+def _refused(error: Exception) -> bool:
+    """A refusal that retrying will not fix: 403 on basic.consume, or a declaration
+    the broker refused (406 other arguments, 403 no configure permission)."""
+    if isinstance(error, ChannelClosed):
+        return error.reply_code == 403
+    return isinstance(error, TopologyError) and error.reply_code in (403, 406)
 
 
 class _Unreadable(Exception):
@@ -171,7 +198,6 @@ class _ChannelState:
         self.idle.set()
         self.ack_wanted = anyio.Event()
         self.batch_full = anyio.Event()
-        self.flushing = False
         #: Set when the handlers are being cancelled (grace over, channel lost): a
         #: handler that swallows the cancellation and returns is requeued, not acked.
         self.cancelling = False
@@ -219,27 +245,27 @@ class _ChannelState:
     async def flush(self) -> None:
         """Send the acks the tracker has ready, in order.
 
-        One flush at a time: an ack can wait (backpressure), and a second flusher
-        overtaking it could send ack(8, multiple) before a pending single ack(6),
-        which the broker would then reject as an unknown tag. The flush in progress
-        loops until the tracker has nothing left, so a caller that finds one running
-        has nothing to do. Shielded: the acks are popped from the tracker already.
+        Every ack taken from the tracker is queued for the socket before anything
+        is awaited, so acks go out in the order taken and none is ever dropped: a
+        socket that stays backed up (a broker that stopped reading) delays them, it
+        never loses them. Then one wait, shielded and bounded by
+        :data:`SETTLE_TIMEOUT`, lets the writer drain the backlog (backpressure for
+        the handlers that follow).
         """
-        if self.flushing or not self.tracker.pending:
+        if not self.tracker.pending:
             return
-        self.flushing = True
+        ch = self.ch
         try:
+            while acks := self.tracker.flush():
+                if not ch.is_open:
+                    return  # the broker requeues everything of a closed channel
+                for ack in acks:
+                    ch.ack_nowait(ack.delivery_tag, multiple=ack.multiple)
             with anyio.CancelScope(shield=True) as scope:
                 scope.deadline = anyio.current_time() + SETTLE_TIMEOUT
-                while acks := self.tracker.flush():
-                    for ack in acks:
-                        if not self.ch.is_open:
-                            return  # the broker requeues everything of a closed channel
-                        await self.ch.ack(ack.delivery_tag, multiple=ack.multiple)
+                await ch.wait_writable()
         except AMQPError as exc:
             logger.debug("acks not sent: %s", exc)
-        finally:
-            self.flushing = False
 
     async def requeue(self, delivery_tag: int) -> None:
         """Nack with requeue: the message goes back to its queue."""
@@ -396,6 +422,8 @@ class Dispatcher:
         self._random = random
         self._backoff = backoff
         self._state: _ChannelState | None = None
+        #: When this consumer last declared each ad-hoc retry queue (a bounded set).
+        self._leases: dict[str, float] = {}
         #: The running loop's primitives; set when a channel is served.
         self._native: Native
 
@@ -409,20 +437,31 @@ class Dispatcher:
     async def run(
         self,
         conn: Connection,
-        publishing: PublishChannel,
+        publishing: PublishChannelSlot,
         *,
+        startup: bool = False,
+        declared: bool = True,
         task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
     ) -> None:
         """Consume until a shutdown drained this consumer.
 
-        Returns once subscribed (through ``task_status``); reopens its channel after
-        a channel error and resubscribes after a broker-sent cancel, with backoff.
-        Connection errors propagate: the supervisor owns reconnecting.
+        Signals ``task_status`` once subscribed; reopens its channel after a channel
+        error and resubscribes after a broker-sent cancel, with backoff, whatever the
+        other consumers do: each consumer is its own failure domain. Connection
+        errors propagate: the supervisor owns reconnecting.
+
+        Args:
+            startup: The App has not been ready yet. A refusal that retrying cannot
+                fix (403 on basic.consume, a topology mismatch) before the first
+                subscription is then raised, for the supervisor to make it a
+                start-up error; after start-up it is retried like any error.
+            declared: The supervisor declared this consumer's topology just before
+                (else the consumer declares it on its own channel first).
         """
         self._publishing = publishing
         status: anyio.abc.TaskStatus[None] | None = task_status
         failures = 0
-        declare = False  # the App declared the topology just before
+        declare = not declared
         while not self.shutdown.requested:
             subscribed_at = math.inf
 
@@ -443,10 +482,18 @@ class Dispatcher:
             error: Exception | None = None
             try:
                 async with conn.channel() as ch:
-                    await ch.qos(self.prefetch)
-                    if declare:
-                        await declare_consumer(ch, self.spec)
-                    error = await self._serve(ch, subscribed, conn.server_version)
+                    # A stop cancels the set-up (the broker may never answer it; each
+                    # call also has its deadline), as it cancels the subscription.
+                    setup = self.shutdown.intake_scope()
+                    try:
+                        with setup:
+                            await ch.qos(self.prefetch)
+                            if declare:
+                                await declare_consumer(ch, self.spec)
+                    finally:
+                        self.shutdown.discard(setup)
+                    if not setup.cancel_called:
+                        error = await self._serve(ch, subscribed, conn.server_version)
             except (AMQPError, TopologyError) as exc:
                 error = exc
             self._on_subscribed(self.queue, False)
@@ -454,9 +501,10 @@ class Dispatcher:
                 break
             if not conn.is_open:
                 raise error  # the supervisor reconnects
-            if status is not None and isinstance(error, ChannelClosed) and error.reply_code == 403:
-                # Never subscribed, and refused (no read permission, a queue held by
-                # an exclusive consumer): the supervisor decides whether that is fatal.
+            if startup and status is not None and _refused(error):
+                # Never subscribed at start-up, and refused (no read permission, a
+                # queue held by an exclusive consumer, other arguments): the
+                # supervisor makes it a start-up error. After start-up it is retried.
                 raise error
             if anyio.current_time() - subscribed_at >= self._backoff.reset_after:
                 failures = 0
@@ -470,9 +518,8 @@ class Dispatcher:
                 delay,
                 extra={"event": "resubscribing", "queue": self.queue, "delay": round(delay, 3)},
             )
-            with self.shutdown.intake_scope() as scope:
+            with self.shutdown.intake():
                 await anyio.sleep(delay)
-            self.shutdown.discard(scope)
         if status is not None:  # stopped before it ever subscribed
             status.started()
 
@@ -773,29 +820,55 @@ class Dispatcher:
         return Outcome(OutcomeKind.DEAD_LETTER, error_type=error_type(exc))
 
     async def _publish_retry(self, msg: Message, outcome: Outcome) -> None:
-        assert outcome.delay is not None
+        delay = outcome.delay
+        assert delay is not None
+        queue = retry_queue_name(self.queue, delay)
+        arguments = retry_arguments(self.spec, delay)
+        if self.spec.retry.is_ad_hoc(delay):
+            # An ad-hoc queue expires when unused; publishing does not renew its
+            # lease, declaring does: declare it when our last declaration is old.
+            now = anyio.current_time()
+            if now - self._leases.get(queue, -math.inf) >= AD_HOC_LEASE_RENEWAL:
+                await self._publishing.declare_queue(
+                    queue, arguments, durable=RETRY_QUEUES_DURABLE, purpose=COPIES
+                )
+                self._leases[queue] = now
         await self._publish_copy(
-            msg,
-            retry_queue_name(self.queue, outcome.delay),
-            retry_arguments(self.spec, outcome.delay),
-            retry_headers(msg),
+            msg, queue, arguments, retry_headers(msg), durable=RETRY_QUEUES_DURABLE
         )
 
     async def _publish_copy(
-        self, msg: Message, queue: str, arguments: FieldTable | None, headers: FieldTable
+        self,
+        msg: Message,
+        queue: str,
+        arguments: FieldTable | None,
+        headers: FieldTable,
+        *,
+        durable: bool,
     ) -> None:
         """Publish a confirmed copy of ``msg`` to ``queue``; when no such queue exists
         (a delay outside the policy, or a queue deleted on the broker) declare it and
         publish once more."""
         properties = _copy_properties(msg.properties, headers)
+        publishing = self._publishing
         try:
-            await self._publishing.publish(
-                msg.body, exchange="", routing_key=queue, properties=properties, mandatory=True
+            await publishing.publish(
+                msg.body,
+                purpose=COPIES,
+                exchange="",
+                routing_key=queue,
+                properties=properties,
+                mandatory=True,
             )
         except MessageReturned:
-            await self._publishing.declare_queue(queue, arguments, durable=self.spec.durable)
-            await self._publishing.publish(
-                msg.body, exchange="", routing_key=queue, properties=properties, mandatory=True
+            await publishing.declare_queue(queue, arguments, durable=durable, purpose=COPIES)
+            await publishing.publish(
+                msg.body,
+                purpose=COPIES,
+                exchange="",
+                routing_key=queue,
+                properties=properties,
+                mandatory=True,
             )
 
     async def _publish_dead_letter(self, msg: Message, outcome: Outcome) -> None:
@@ -804,6 +877,7 @@ class Dispatcher:
             dead_letter_queue_name(self.queue),
             dead_letter_arguments(self.spec),
             dead_letter_headers(msg, outcome),
+            durable=self.spec.durable,
         )
 
     def _record(

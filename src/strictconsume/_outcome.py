@@ -127,7 +127,7 @@ def decide(error: BaseException | None, *, attempt: int, retry: Retry) -> Outcom
         return Outcome(OutcomeKind.DEAD_LETTER, error_type=kind, error_message=message)
     delay = retry.delay_after(attempt)
     if isinstance(error, RetryLater) and error.delay is not None and delay is not None:
-        delay = error.delay
+        delay = retry.queue_delay(error.delay)  # a bounded set of retry queues
     if delay is None:
         return Outcome(OutcomeKind.DEAD_LETTER, error_type=kind, error_message=message)
     return Outcome(OutcomeKind.RETRY, delay=delay, error_type=kind, error_message=message)

@@ -1,29 +1,37 @@
-"""Confirmed publishing: the App's publishing channel and :class:`Publisher`.
+"""Confirmed publishing: the App's publishing connection and :class:`Publisher`.
 
-Each connection of an App has one channel in confirm mode for publishing: retries,
-dead letters and ``app.publisher()`` share it. A channel error (a publish to an
-exchange that does not exist closes the channel with 404) must not leave the App
-without one, so :class:`PublishChannel` opens a fresh channel whenever the current
-one was closed.
+An App publishes (retry and dead-letter copies, ``app.publisher()``) on a connection
+of its own, apart from the one its consumers ack on, as RabbitMQ advises: in a
+memory or disk alarm the broker stops reading from every connection that publishes,
+and acks queued behind a blocked publish would wait with it. The publishing
+connection is opened when something first publishes, cycles through the App's URLs
+and is opened again (with backoff) when it is lost and needed.
+
+It has two confirmed channels: one for the framework's copies and one for the
+user's publishes, so that a user's publish that closes its channel (404, no such
+exchange) never fails a copy in flight. :class:`PublishChannel` opens a fresh
+channel whenever its current one was closed.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncIterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Literal
 
 import anyio
 import anyio.abc
 
-from .amqp import ChannelClosed, ConnectionLost, Properties, connect
+from .amqp import AMQPError, ChannelClosed, ConnectionLost, Properties, connect
 
 if TYPE_CHECKING:
     from pamqp.common import FieldTable
 
-    from .amqp import Channel, Connection
+    from .amqp import Channel, Connection, ConnectionParameters
 
 __all__ = [
+    "COPIES",
+    "USER",
     "PublishChannel",
     "PublishChannelSlot",
     "Publisher",
@@ -33,6 +41,12 @@ __all__ = [
 
 PERSISTENT = 2
 TRANSIENT = 1
+
+Purpose = Literal["copies", "user"]
+#: The channel of the framework's retry and dead-letter copies.
+COPIES: Purpose = "copies"
+#: The channel of ``app.publisher()``.
+USER: Purpose = "user"
 
 
 def build_properties(
@@ -86,13 +100,16 @@ class PublishChannel:
         started = False
         try:
             while True:
+                # A fresh event per channel, made before the channel is published:
+                # whoever saw an earlier channel fail can only break that one.
+                broken = self._broken = anyio.Event()
                 async with conn.channel(confirms=True) as ch:
                     self._set(ch)
                     if not started:
                         started = True
                         task_status.started()
-                    await self._broken.wait()
-                    self._broken = anyio.Event()
+                    await broken.wait()
+                    self._set(None)  # being replaced: callers wait for the next one
         finally:
             self._finished = True
             self._set(None)
@@ -116,7 +133,7 @@ class PublishChannel:
                 return ch
             changed = self._changed
             if ch is not None:
-                self._broken.set()
+                self._channel_failed(ch)
             await changed.wait()
 
     def _channel_failed(self, ch: Channel) -> None:
@@ -215,40 +232,41 @@ class Publisher:
             reply_to=reply_to,
         )
         source = self._source
-        stale: PublishChannel | None = None
-        while True:
-            if isinstance(source, PublishChannel):
-                channel_source = source
-            else:
-                channel_source = await source.wait(stale=stale)
-            try:
-                await channel_source.publish(
-                    payload,
-                    exchange=exchange,
-                    routing_key=routing_key,
-                    properties=properties,
-                    mandatory=mandatory,
-                )
-            except PublishChannelGone:
-                # Its connection ended before the message was sent: nothing can be
-                # duplicated by sending it on the App's next connection.
-                if isinstance(source, PublishChannel):
-                    raise
-                stale = channel_source
-            else:
-                return
+        if isinstance(source, PublishChannel):
+            await source.publish(
+                payload,
+                exchange=exchange,
+                routing_key=routing_key,
+                properties=properties,
+                mandatory=mandatory,
+            )
+        else:
+            await source.publish(
+                payload,
+                purpose=USER,
+                exchange=exchange,
+                routing_key=routing_key,
+                properties=properties,
+                mandatory=mandatory,
+            )
 
 
 class PublishChannelSlot:
-    """The App's current publishing channel, across reconnects."""
+    """The App's publishing channels (one per :data:`Purpose`), across reconnects of
+    its publishing connection.
+
+    Whoever waits for a channel asks for the connection (:meth:`wait_wanted`), so it
+    is opened only when something publishes.
+    """
 
     def __init__(self) -> None:
-        self._current: PublishChannel | None = None
+        self._current: Mapping[Purpose, PublishChannel] | None = None
         self._changed = anyio.Event()
+        self._wanted = anyio.Event()
         self._stopped = True
 
-    def set(self, channel: PublishChannel | None) -> None:
-        self._current = channel
+    def set(self, channels: Mapping[Purpose, PublishChannel] | None) -> None:
+        self._current = channels
         changed, self._changed = self._changed, anyio.Event()
         changed.set()
 
@@ -259,8 +277,16 @@ class PublishChannelSlot:
         self._stopped = True
         self.set(None)
 
-    async def wait(self, stale: PublishChannel | None = None) -> PublishChannel:
-        """The App's publishing channel (not ``stale``), waiting while it reconnects.
+    async def wait_wanted(self) -> None:
+        """Return once someone waits for a publishing channel."""
+        await self._wanted.wait()
+        self._wanted = anyio.Event()
+
+    async def wait(
+        self, stale: PublishChannel | None = None, *, purpose: Purpose = USER
+    ) -> PublishChannel:
+        """The App's publishing channel for ``purpose`` (not ``stale``), waiting while
+        its connection is (re)opened.
 
         Raises:
             RuntimeError: the App is not running.
@@ -271,16 +297,95 @@ class PublishChannelSlot:
                     "the App has stopped: publish inside `async with app.running()`, or "
                     "use app.publisher() outside it for a connection of its own"
                 )
-            current = self._current
+            current = self._current[purpose] if self._current is not None else None
             if current is not None and current is not stale:
                 return current
-            await self._changed.wait()
+            changed = self._changed
+            self._wanted.set()
+            await changed.wait()
+
+    async def publish(
+        self,
+        body: bytes,
+        *,
+        purpose: Purpose,
+        exchange: str,
+        routing_key: str,
+        properties: Properties | None,
+        mandatory: bool,
+    ) -> None:
+        """Publish on the channel for ``purpose`` and wait for the broker's confirm.
+
+        A message whose connection ended before it was sent goes out on the next
+        publishing connection (nothing can be duplicated by that).
+        """
+        stale: PublishChannel | None = None
+        while True:
+            channel = await self.wait(stale, purpose=purpose)
+            try:
+                await channel.publish(
+                    body,
+                    exchange=exchange,
+                    routing_key=routing_key,
+                    properties=properties,
+                    mandatory=mandatory,
+                )
+            except PublishChannelGone:
+                stale = channel
+            else:
+                return
+
+    async def declare_queue(
+        self, queue: str, arguments: FieldTable | None, *, durable: bool, purpose: Purpose
+    ) -> None:
+        """Declare a queue on the publishing channel for ``purpose``."""
+        stale: PublishChannel | None = None
+        while True:
+            channel = await self.wait(stale, purpose=purpose)
+            try:
+                await channel.declare_queue(queue, arguments, durable=durable)
+            except PublishChannelGone:
+                stale = channel
+            else:
+                return
+
+    async def serve(self, conn: Connection, *, until: anyio.Event) -> None:
+        """Keep the publishing channels open on ``conn``, available to :meth:`wait`,
+        until ``until`` is set (then close them) or the connection ends."""
+        channels: dict[Purpose, PublishChannel] = {COPIES: PublishChannel(), USER: PublishChannel()}
+        try:
+            async with anyio.create_task_group() as tg:
+                for channel in channels.values():
+                    await tg.start(channel.run, conn)
+                self.set(channels)
+                await until.wait()
+                tg.cancel_scope.cancel()
+        finally:
+            self.set(None)
 
 
 @contextlib.asynccontextmanager
-async def own_connection_publisher(url: str) -> AsyncIterator[Publisher]:
-    """A Publisher with a connection of its own (used when the App is not running)."""
-    async with connect(url) as conn:
+async def own_connection_publisher(
+    parameters: Sequence[str | ConnectionParameters],
+) -> AsyncIterator[Publisher]:
+    """A Publisher with a connection of its own (used when the App is not running),
+    to the first of ``parameters`` (the App's URLs) that accepts a connection.
+
+    Raises:
+        AMQPError: no URL accepted a connection (the last one's error).
+    """
+    async with contextlib.AsyncExitStack() as stack:
+        error: AMQPError | None = None
+        for params in parameters:
+            try:
+                conn = await stack.enter_async_context(connect(params))
+            except AMQPError as exc:
+                error = exc
+                continue
+            break
+        else:
+            assert error is not None, "at least one URL is needed"
+            raise error
         channel = PublishChannel()
         async with anyio.create_task_group() as tg:
             await tg.start(channel.run, conn)

@@ -9,17 +9,30 @@ For a consumer of queue ``q`` (section 3 of the design):
   (``x-message-ttl``), then the broker dead-letters it back to ``q`` through the
   default exchange (``x-dead-letter-routing-key=q``). No plugin is needed;
 - ``q.dlq`` holds what will not be retried, with the reason in ``x-error-*`` headers.
+
+The set of retry queues is bounded. ``RetryLater(delay=d)`` with a ``d`` the policy
+does not have is rounded to the nearest of ten steps per decade (1, 1.2, 1.5, 2, 2.5,
+3, 4, 5, 6 and 8 times a power of ten, in milliseconds: within 16 % of ``d``), so
+that jittered delays such as ``uniform(1, 60)`` use at most 19 queues instead of one
+per millisecond. Such an ad-hoc queue is declared on first use with ``x-expires``
+(its TTL plus two hours): once nothing has used it for that long the broker deletes
+it. Publishing does not renew that lease, declaring does, so a consumer declares an
+ad-hoc queue again before it publishes to it when its last declaration is more than
+:data:`AD_HOC_LEASE_RENEWAL` old: a message in it always expires before the queue.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import attrs
 from pamqp.common import FieldTable
 
 __all__ = [
+    "AD_HOC_LEASE_RENEWAL",
     "Retry",
+    "ad_hoc_queue_arguments",
     "dead_letter_queue_name",
     "delay_ms",
     "main_queue_arguments",
@@ -64,6 +77,44 @@ class Retry:
             return self.delays[attempt - 1]
         return None
 
+    def queue_delay(self, delay: float) -> float:
+        """The delay of the retry queue that serves ``delay``: the policy's own when
+        it has one of that many milliseconds, else the nearest ad-hoc step."""
+        if delay_ms(delay) in {delay_ms(d) for d in self.delays}:
+            return delay
+        stepped = ad_hoc_delay(delay)
+        for own in self.delays:
+            if delay_ms(own) == delay_ms(stepped):
+                return own
+        return stepped
+
+    def is_ad_hoc(self, delay: float) -> bool:
+        """True when ``delay`` (as :meth:`queue_delay` returns it) is not the policy's."""
+        return delay_ms(delay) not in {delay_ms(d) for d in self.delays}
+
+
+#: The ad-hoc delay steps of one decade (see the module's docstring).
+AD_HOC_STEPS = (1.0, 1.2, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0)
+#: An ad-hoc retry queue lives this much longer than its TTL without use ...
+AD_HOC_EXPIRES_MARGIN = 7200.0
+#: ... and a consumer declares it again (renewing the lease) when its last declaration
+#: is older than this, before it publishes to it.
+AD_HOC_LEASE_RENEWAL = AD_HOC_EXPIRES_MARGIN / 2
+_MAX_TTL_MS = 2**31
+
+
+def ad_hoc_delay(delay: float) -> float:
+    """``delay`` rounded to the nearest ad-hoc step (in log scale), in seconds."""
+    ms = delay * 1000
+    candidates = [
+        step * 10**exponent
+        for exponent in range(10)
+        for step in AD_HOC_STEPS
+        if step * 10**exponent <= _MAX_TTL_MS
+    ]
+    best = min(candidates, key=lambda c: abs(math.log(c / ms)))
+    return float(round(best)) / 1000
+
 
 def delay_ms(delay: float) -> int:
     """A delay in whole milliseconds (the unit of queue names and TTLs)."""
@@ -91,3 +142,9 @@ def retry_queue_arguments(queue: str, delay: float) -> FieldTable:
         "x-dead-letter-exchange": "",
         "x-dead-letter-routing-key": queue,
     }
+
+
+def ad_hoc_queue_arguments(delay: float) -> FieldTable:
+    """What an ad-hoc retry queue adds: it expires once unused for its TTL plus
+    :data:`AD_HOC_EXPIRES_MARGIN`."""
+    return {"x-expires": delay_ms(delay) + round(AD_HOC_EXPIRES_MARGIN * 1000)}

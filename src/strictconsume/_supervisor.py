@@ -2,13 +2,17 @@
 
 ::
 
-    Supervisor.run                      the App's one connection at a time
-      connect(url)                      cycling through the URLs given (cluster nodes)
-        declare every consumer's topology (406 -> TopologyError)
-        task group
-          PublishChannel.run            the confirmed channel for retries, dead letters
-                                        and app.publisher()
+    Supervisor.run
+      _publish_connection               the publishing connection, opened when first
+                                        needed: retries, dead letters, app.publisher()
+      the consumers' connection, one at a time
+        connect(url)                    cycling through the URLs given (cluster nodes)
+          declare every consumer's topology (406 -> TopologyError)
           Dispatcher.run, one per consumer
+
+The two connections live apart (RabbitMQ's advice): a broker that blocks the
+publishing connection in a memory or disk alarm never holds up the consumers' acks,
+and each one reconnects on its own.
 
 When the connection is lost, its task group cancels every handler on it (their
 messages go back to the queue on the broker's side), and the loop connects again
@@ -37,7 +41,7 @@ import anyio.abc
 from ._backoff import DEFAULT_BACKOFF, Backoff
 from ._dispatch import DEFAULT_CONSUMER_TIMEOUT, Dispatcher, OutcomeHook, Shutdown
 from ._outcome import sole_exception
-from ._publisher import PublishChannel, PublishChannelSlot
+from ._publisher import PublishChannelSlot
 from ._topology import TopologyError, declare_consumer
 from ._versions import describe
 from .amqp import (
@@ -105,6 +109,7 @@ class Supervisor:
         self._on_reconnect = on_reconnect
         self._on_connected = on_connected
         self._publishing = publishing
+        self._publishing_idle = anyio.CancelScope()
         self.connected = False
         self.ever_ready = False
         self.reconnects = 0
@@ -145,6 +150,25 @@ class Supervisor:
         Raises:
             StartupError: a fatal error before the first full subscription.
         """
+        error: BaseException | None = None
+        self._publishing.start()
+        done = anyio.Event()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._publish_connection, done)
+            try:
+                await self._consume(task_status)
+            except BaseException as exc:  # re-raised below, outside the task group
+                error = exc
+            finally:
+                # The consumers have drained: close the publishing connection cleanly
+                # (a connection being made finishes first, within its timeout).
+                done.set()
+                self._publishing_idle.cancel()
+        if error is not None:
+            raise error
+
+    async def _consume(self, task_status: anyio.abc.TaskStatus[None]) -> None:
+        """The consumers' connection, made again until the shutdown."""
         attempt = 0
         index = 0
         try:
@@ -173,7 +197,6 @@ class Supervisor:
                     self.shutdown.discard(attempt_scope)
                     self.connected = False
                     self.subscribed.clear()
-                    self._publishing.set(None)
                 if self._stopping():
                     break
                 if connected_at is not None:
@@ -202,12 +225,61 @@ class Supervisor:
                         exc_info=error,
                         extra={"event": "reconnecting", "delay": round(delay, 3)},
                     )
-                with self.shutdown.intake_scope() as sleep_scope:
+                with self.shutdown.intake():
                     await anyio.sleep(delay)
-                self.shutdown.discard(sleep_scope)
         finally:
             if not self.ever_ready and self.shutdown.requested:
                 task_status.started()  # stopped during start-up: nothing to wait for
+
+    async def _publish_connection(self, done: anyio.Event) -> None:
+        """The publishing connection: opened when something waits for it, cycling
+        through the URLs, opened again with backoff when lost and needed; closed
+        once ``done`` is set, after the consumers stopped (so that what finishes in
+        the grace period can still be retried or dead-lettered)."""
+        attempt = 0
+        index = 0
+        while not done.is_set():
+            with self._idle_scope():
+                await self._publishing.wait_wanted()
+            if done.is_set():
+                return
+            params = self.parameters[index % len(self.parameters)]
+            connected_at: float | None = None
+            error: BaseException | None = None
+            try:
+                async with self._connect(params) as conn:
+                    connected_at = anyio.current_time()
+                    logger.info(
+                        "publishing connection open to %s",
+                        params.url,
+                        extra={"event": "connected"},
+                    )
+                    await self._publishing.serve(conn, until=done)
+            except Exception as exc:
+                error = sole_exception(exc)
+            if done.is_set():
+                return
+            if connected_at is not None and (
+                anyio.current_time() - connected_at >= self.backoff.reset_after
+            ):
+                attempt = 0
+            delay = self.backoff.delay(attempt, self.random.random())
+            attempt += 1
+            index += 1
+            logger.warning(
+                "publishing connection %s: %s; connecting again in %.2f s when needed",
+                "lost" if connected_at is not None else "failed",
+                error,
+                delay,
+                extra={"event": "reconnecting", "delay": round(delay, 3)},
+            )
+            with self._idle_scope():
+                await anyio.sleep(delay)
+
+    def _idle_scope(self) -> anyio.CancelScope:
+        """A scope for a wait of the publishing loop, which the end of run() cancels."""
+        self._publishing_idle = anyio.CancelScope()
+        return self._publishing_idle
 
     def _stopping(self) -> bool:
         return self.shutdown.requested
@@ -236,29 +308,104 @@ class Supervisor:
         task_status: anyio.abc.TaskStatus[None],
         attempt_scope: anyio.CancelScope,
     ) -> None:
-        """Declare, subscribe every consumer, serve until the shutdown drained them."""
-        async with conn.channel() as ch:
-            for spec in self.specs:
-                await declare_consumer(ch, spec)
+        """Declare, subscribe every consumer, serve until the shutdown drained them.
+
+        The whole topology is declared first, so that at start-up a mismatch is an
+        error before anything is consumed. Then every consumer subscribes on its
+        own, at once: after start-up, one that cannot (its queue's node is down, a
+        refusal, a declaration or subscribe that does not complete) retries with
+        backoff while the others work, and readiness names it.
+        """
+        startup = not self.ever_ready
+        undeclared = await self._declare(conn, startup=startup)
         # Declared: from here a stop drains the consumers gracefully instead of
         # cancelling the attempt (each dispatcher watches the shutdown itself).
         self.shutdown.discard(attempt_scope)
-        publishing = PublishChannel()
-        async with anyio.create_task_group() as tg:
-            await tg.start(publishing.run, conn)
-            self._publishing.set(publishing)
-            async with anyio.create_task_group() as consumers:
-                for dispatcher in self.dispatchers:
-                    await consumers.start(dispatcher.run, conn, publishing)
-                if not self.dispatchers:  # an App used only to publish
-                    consumers.start_soon(self.shutdown.wait)
-                if not self.shutdown.requested:
-                    logger.info(
-                        "ready: consuming %s",
-                        ", ".join(repr(spec.queue) for spec in self.specs) or "nothing",
-                        extra={"event": "ready"},
-                    )
-                if not self.ever_ready:
-                    self.ever_ready = True
-                    task_status.started()
-            tg.cancel_scope.cancel()
+        all_started = anyio.Event()
+        waiting = len(self.dispatchers)
+
+        def one_started() -> None:
+            nonlocal waiting
+            waiting -= 1
+            if waiting == 0:
+                all_started.set()
+
+        async with anyio.create_task_group() as consumers:
+            for dispatcher in self.dispatchers:
+                consumers.start_soon(
+                    self._run_dispatcher,
+                    dispatcher,
+                    conn,
+                    startup,
+                    dispatcher.queue not in undeclared,
+                    one_started,
+                )
+            if not self.dispatchers:  # an App used only to publish
+                consumers.start_soon(self.shutdown.wait)
+                all_started.set()
+            await all_started.wait()
+            if not self.shutdown.requested:
+                logger.info(
+                    "ready: consuming %s",
+                    ", ".join(repr(spec.queue) for spec in self.specs) or "nothing",
+                    extra={"event": "ready"},
+                )
+            if not self.ever_ready:
+                self.ever_ready = True
+                task_status.started()
+
+    async def _declare(self, conn: Connection, *, startup: bool) -> set[str]:
+        """Declare every consumer's topology on one channel (a fresh one after a
+        refusal, which closes it); returns the queues whose declaration failed.
+
+        Raises:
+            TopologyError: at start-up, the broker refused a declaration.
+        """
+        undeclared: set[str] = set()
+        pending = list(self.specs)
+        while True:
+            async with conn.channel() as ch:
+                while pending:
+                    spec = pending.pop(0)
+                    try:
+                        await declare_consumer(ch, spec)
+                    except TopologyError as exc:
+                        if startup:
+                            raise
+                        logger.warning(
+                            "queue %r cannot be declared: %s; its consumer retries, the "
+                            "others go on",
+                            spec.queue,
+                            exc,
+                            extra={"event": "resubscribing", "queue": spec.queue},
+                        )
+                        undeclared.add(spec.queue)
+                        break  # the broker closed the channel
+            if not pending:
+                return undeclared
+
+    async def _run_dispatcher(
+        self,
+        dispatcher: Dispatcher,
+        conn: Connection,
+        startup: bool,
+        declared: bool,
+        started: Callable[[], None],
+    ) -> None:
+        await dispatcher.run(
+            conn,
+            self._publishing,
+            startup=startup,
+            declared=declared,
+            task_status=_Started(started),
+        )
+
+
+class _Started:
+    """A task status that calls back (the session counts its consumers started)."""
+
+    def __init__(self, callback: Callable[[], None]) -> None:
+        self._callback = callback
+
+    def started(self, value: None = None) -> None:
+        self._callback()

@@ -1294,3 +1294,41 @@ async def test_broker_close_with_a_stuck_socket_raises_connection_closed(
     assert [type(e) for e in errors] == [ConnectionClosed]
     assert errors[0] is exc_info.value
     assert gave_up_at == pytest.approx(1.0, abs=0.01)  # CLOSE_OK_FLUSH_TIMEOUT after close
+
+
+async def test_no_ack_consumer_tags_are_forgotten_once_cancelled(anyio_backend: Any) -> None:
+    """A channel remembers a no-ack consumer's tag (a delivery for it that arrives
+    after we stopped listening must not be nacked: it is acked already), but only
+    until the cancel-ok or a broker-sent cancel: it used to keep every one, so a
+    channel that consumes no-ack again and again grew without bound."""
+    client, broker = pair()
+
+    async def script() -> None:
+        await broker.handshake()
+        await broker.open_channel(1)
+        for _ in range(50):
+            consume = await broker.expect(commands.Basic.Consume, 1)
+            assert consume.no_ack
+            await broker.send(1, commands.Basic.ConsumeOk(consume.consumer_tag))
+            cancel = await broker.expect(commands.Basic.Cancel, 1)
+            await broker.send(1, commands.Basic.CancelOk(cancel.consumer_tag))
+        consume = await broker.expect(commands.Basic.Consume, 1)
+        await broker.send(
+            1,
+            commands.Basic.ConsumeOk(consume.consumer_tag),
+            commands.Basic.Cancel(consume.consumer_tag, nowait=True),
+        )
+        await broker.close_channel(1)
+        await broker.close_connection()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(broker.serve, script)
+        async with connect_stream(client, PARAMS) as conn, conn.channel() as ch:
+            for _ in range(50):
+                async with ch.consume("q", no_ack=True):
+                    pass
+            assert ch._no_ack_tags == set()
+            async with ch.consume("q", no_ack=True) as consumer:
+                with pytest.raises(ConsumerCancelled):
+                    await consumer.__anext__()
+            assert ch._no_ack_tags == set()

@@ -74,7 +74,14 @@ def test_ipv6_host() -> None:
         ("amqp://u:topsecret@h/?connection_timeout=0", "must be positive"),
         ("amqp://u:topsecret@h/?hearbeat=10", "unknown query parameter 'hearbeat'"),
         ("amqp://u:topsecret@h/?auth_mechanism=CRAM", "PLAIN or EXTERNAL"),
-        ("amqp://u:topsecret@h/?frame_max=100", "at least 4096"),
+        ("amqp://u:topsecret@h/?frame_max=100", "frame_max must be between 4096 and 4294967295"),
+        # Values the client refuses once connected used to pass here, and the App
+        # then reconnected for ever (issue 14): they are refused at once.
+        ("amqp://u:topsecret@h/?frame_max=0", "frame_max must be between 4096 and 4294967295"),
+        ("amqp://u:topsecret@h/?frame_max=4294967296", "frame_max must be between"),
+        ("amqp://u:topsecret@h/?channel_max=0", "channel_max must be between 1 and 65535"),
+        ("amqp://u:topsecret@h/?channel_max=65536", "channel_max must be between 1 and 65535"),
+        ("amqp://u:topsecret@h/?heartbeat=70000", "heartbeat must be between 0 and 65535"),
         ("amqp://u:topsecret@h/#frag", "fragment"),
     ],
 )

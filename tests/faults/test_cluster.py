@@ -9,7 +9,9 @@ no-loss invariant must hold: every published id is finished by the handler or si
 that finished before its ack was lost) are counted and printed, not forbidden.
 
 The cluster is started once for the module (about 25 s) and stopped at its end; a
-test that stopped a node has it started again before the next test.
+test that stopped a node has it started again before the next test. The last test
+runs an App in the test's process: one consumer's queue lives on a node that stops,
+and the other consumers must go on (issue 14).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import datetime
+import functools
 import json
 import signal
 import socket
@@ -24,14 +27,19 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
+import anyio
+import anyio.to_thread
 import attrs
 import pytest
 
+import strictconsume as sc
+
 from ..amqp.oracle import get_from, pika_channel
 from ..conftest import REPO, dev_broker, external_broker_url, free_node_port
+from ..framework.polling import wait_until
 from ..processes import Consumer, Harness, Node, list_queue, message_count, publish
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
@@ -370,3 +378,85 @@ def test_failover_when_the_dead_letter_queue_node_stops(
     )
     if ready_lines(consumer) < 2:
         raise NotReadyAgain(consumer.tail())
+
+
+@pytest.mark.anyio
+@pytest.mark.timeout(300)
+async def test_a_queue_whose_home_node_is_down_does_not_stop_the_other_consumers(
+    anyio_backend: str, whole: Cluster
+) -> None:
+    """Two consumers, connected to node 1: ``orders``, a classic queue that lives on
+    node 1, and ``invoices``, a quorum queue on every node. Node 1 stops: the App
+    reconnects to node 2, where ``orders`` cannot be declared (404: its home node is
+    down). ``invoices`` must subscribe and work meanwhile, ``orders`` retry with
+    backoff (readiness names it), and subscribe again once node 1 is back; nothing is
+    lost. Before, the one 404 ended every session and the App reconnected for ever
+    with no consumer working. (A classic queue: its 404 is what RabbitMQ answers for
+    a queue whose home node is down.)"""
+    cluster = whole
+    tag = uuid.uuid4().hex[:8]
+    orders, invoices = f"test-home-{tag}-orders", f"test-home-{tag}-invoices"
+    handled: dict[str, list[str]] = {orders: [], invoices: []}
+    node1 = f"strictconsume-{cluster.node(1).name}@localhost"
+    url2 = cluster.node(2).url
+    app = sc.App(url=[cluster.node(n).url for n in cluster.numbers], grace_period=2.0)
+
+    @app.consumer(orders, retry=sc.Retry(delays=()), timeout=5.0)
+    async def handle_orders(msg: sc.Message) -> None:
+        handled[orders].append(str(msg.json()["id"]))
+
+    @app.consumer(invoices, queue_type="quorum", retry=sc.Retry(delays=()), timeout=5.0)
+    async def handle_invoices(msg: sc.Message) -> None:
+        handled[invoices].append(str(msg.json()["id"]))
+
+    async def until(what: str, within: float, condition: Callable[[], bool]) -> float:
+        began = time.monotonic()
+
+        async def holds() -> bool:
+            return condition()
+
+        await wait_until(holds, within=within, what=what)
+        return time.monotonic() - began
+
+    async def ctl(*args: str) -> None:
+        await anyio.to_thread.run_sync(functools.partial(cluster.run, *args))
+
+    def publish_to(queue: str, *ids: str) -> Awaitable[None]:
+        messages: list[dict[str, object]] = [{"id": i} for i in ids]
+        return anyio.to_thread.run_sync(publish, url2, queue, messages)
+
+    try:
+        async with app.running():
+            assert cluster.queue_home(2, orders) == node1
+            assert cluster.connection_ports(via=2) == [cluster.node(1).port]
+            await publish_to(orders, "o1")
+            await publish_to(invoices, "i1")
+            await until("both handled", 20, lambda: handled == {orders: ["o1"], invoices: ["i1"]})
+
+            await ctl("stop-node", "1")
+            back = await until("invoices subscribed again", 60, lambda: app.subscriptions[invoices])
+            await publish_to(invoices, *(f"i{n}" for n in range(2, 12)))
+            await until("invoices handled", 30, lambda: len(handled[invoices]) == 11)
+            # orders is still refused, and named: the App is not ready
+            during = dict(app.subscriptions)
+            ready_during = app.ready
+            reconnects = app.reconnects
+
+            await ctl("start-node", "1")
+            again = await until("orders subscribed again", 90, lambda: app.ready)
+            await publish_to(orders, "o2")
+            await until("orders handled", 20, lambda: handled[orders] == ["o1", "o2"])
+            print(
+                f"\n[{anyio_backend}] invoices subscribed again {back:.1f} s after node 1 "
+                f"stopped; orders {again:.1f} s after it started again; "
+                f"{reconnects} reconnect(s)"
+            )
+    finally:
+        await anyio.to_thread.run_sync(start_stopped_nodes, cluster)
+        with pika_channel(url2) as ch:
+            for name in (orders, f"{orders}.dlq", invoices, f"{invoices}.dlq"):
+                ch.queue_delete(name)
+    assert during == {orders: False, invoices: True}
+    assert ready_during is False
+    assert reconnects == 1  # one reconnect for the lost node; none for the 404s
+    assert handled[invoices] == [f"i{n}" for n in range(1, 12)]

@@ -476,11 +476,15 @@ def test_an_unconfirmed_publish_is_a_503_and_may_still_be_queued(
 ) -> None:
     """The examples give a publish 5 s (the App's publisher waits while it
     reconnects); a confirm that does not come in time is a 503, and the order may have
-    reached the broker all the same."""
+    reached the broker all the same. (A first order opens the App's publishing
+    connection, which is made when something first publishes.)"""
     proxy = PausableProxy(harness.url)
     try:
         service = harness.start(server, url=url_with(harness.url, port=proxy.port))
         service.wait_serving()
+        first = f"first-{uuid.uuid4().hex[:8]}"
+        assert service.post({"id": first}, timeout=20).status_code < 300
+        service.wait_for_state(first, "done")
         order = f"held-{uuid.uuid4().hex[:8]}"
         proxy.pause()
         posted = time.monotonic()
@@ -501,7 +505,7 @@ def test_an_unconfirmed_publish_is_a_503_and_may_still_be_queued(
         f"{handled - resumed:.2f} s after the link resumed"
     )
     assert code == server.sigterm_exit_code, log
-    assert service.done() == [order]
+    assert service.done() == [first, order]
     assert counts_after_settling(harness.url, harness.queue) == (0, 0)
     assert "Traceback" not in log, log
 

@@ -11,8 +11,10 @@ from __future__ import annotations
 import datetime
 import itertools
 import os
+import random
 import sys
 import textwrap
+import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -49,7 +51,7 @@ from strictconsume._retry import (
     retry_queue_name,
 )
 from strictconsume._settings import DEFAULT_URL, Settings, resolve_settings
-from strictconsume._topology import queue_arguments
+from strictconsume._topology import queue_arguments, retry_arguments
 from strictconsume.amqp import Delivery, Properties
 
 PASSWORD = "Pw-unit-9QxZ-never-shown"
@@ -217,6 +219,41 @@ def test_first_tag_must_be_positive() -> None:
         AckTracker().received(0)
 
 
+def test_memory_stays_bounded_behind_one_stuck_tag() -> None:
+    """200,000 messages go past tag 1, whose handler never finishes (prefetch 64,
+    a flush per 8). The tracker must hold what is in flight, not what went past: the
+    old one kept every tag above the gap until tag 1 settled (about 14 MiB here, and
+    a final flush that walked them all)."""
+    prefetch, batch, total = 64, 8, 200_000
+    tracker = tracker_with(1)
+    acked = 0
+    in_flight: list[int] = []
+    tracemalloc.start()
+    try:
+        for tag in range(2, total + 1):
+            tracker.received(tag)
+            in_flight.append(tag)
+            if len(in_flight) == prefetch - 1:
+                for done in in_flight[:batch]:
+                    tracker.finished(done)
+                del in_flight[:batch]
+                acks = tracker.flush()
+                assert not any(ack.multiple for ack in acks)  # above the gap: singly
+                acked += len(acks)
+                assert tracker.unsettled <= prefetch
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 256 * 1024
+    assert acked == total - 1 - len(in_flight)  # every finished tag, singly
+    for done in in_flight:
+        tracker.finished(done)
+    tracker.finished(1)
+    final = tracker.flush()
+    assert final == [Ack(total, multiple=True)]
+    assert tracker.unsettled == 0
+
+
 # -- 2. the ack tracker against a model of the broker --------------------------------------
 
 
@@ -293,6 +330,31 @@ def test_tracker_acks_exactly_the_finished_tags_and_never_a_running_one(
     assert sorted(broker.acked) == sorted(done)  # each finished tag acked exactly once
     assert done | nacked == set(range(1, count + 1))
     assert tracker.unsettled == 0
+
+
+def test_ad_hoc_retry_delays_use_a_bounded_set_of_expiring_queues() -> None:
+    """Jittered ``RetryLater(delay=uniform(1, 60))`` used to make one durable queue
+    per distinct millisecond (tens of thousands); now at most 19, each within 16 % of
+    the delay asked for. The policy's delays keep their exact queues, without
+    ``x-expires``; the ad-hoc ones expire once unused for their TTL plus two hours."""
+    rng = random.Random(14)
+    spec = ConsumerSpec("orders", _noop_handler, retry=RETRY)
+    queues: set[str] = set()
+    for _ in range(100_000):
+        asked = rng.uniform(1, 60)
+        outcome = decide(RetryLater(asked), attempt=1, retry=RETRY)
+        assert outcome.delay is not None
+        assert abs(outcome.delay / asked - 1) <= 0.155
+        queues.add(retry_queue_name("orders", outcome.delay))
+    assert len(queues) <= 19
+    for delay in RETRY.delays:  # exactly the policy's own queue
+        assert decide(RetryLater(delay), attempt=1, retry=RETRY).delay == delay
+        assert "x-expires" not in retry_arguments(spec, delay)
+    assert retry_arguments(spec, 8.0)["x-expires"] == 8000 + 7_200_000
+
+
+async def _noop_handler(msg: Message) -> None:
+    pass
 
 
 # -- 3. backoff --------------------------------------------------------------------------
@@ -401,9 +463,10 @@ def test_retry_later_with_delay_overrides_the_policys() -> None:
         error_type="strictconsume.RetryLater",
         error_message="retry in 2.5 s",
     )
+    # 7 s is not in the policy: the nearest ad-hoc step (a bounded set of queues).
     assert decide(RetryLater(7, reason="rate limited"), attempt=1, retry=RETRY) == Outcome(
         OutcomeKind.RETRY,
-        delay=7.0,
+        delay=8.0,
         error_type="strictconsume.RetryLater",
         error_message="rate limited",
     )
@@ -1176,6 +1239,21 @@ def test_main_returns_1_on_unusable_settings(
     monkeypatch.setenv("STRICTCONSUME_PREFETCH", "lots")
     assert main([name]) == 1
     assert "environment variable STRICTCONSUME_PREFETCH" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("query", ["frame_max=0", "channel_max=0", "heartbeat=70000"])
+def test_a_url_option_the_client_refuses_is_one_line_and_exit_1(
+    make_module: Any, capsys: pytest.CaptureFixture[str], query: str
+) -> None:
+    """These passed URL parsing and were refused after every TCP connect: the App
+    logged "unexpected error ... reconnecting" with a traceback for ever."""
+    name = make_module(CONSUMERS_MODULE)
+    assert main(["--url", f"amqp://alice:{PASSWORD}@rabbit/?{query}", name]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("strictconsume: error: option --url: ")
+    assert f"{query.partition('=')[0]} must be between" in err
+    assert err.count("\n") == 1
+    assert PASSWORD not in err
 
 
 def test_bad_option_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:

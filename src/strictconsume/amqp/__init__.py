@@ -29,6 +29,7 @@ from ._errors import LocalProtocolError as LocalProtocolError
 from ._errors import MessageReturned as MessageReturned
 from ._errors import PublishNacked as PublishNacked
 from ._errors import RemoteProtocolError as RemoteProtocolError
+from ._errors import ReplyTimeout as ReplyTimeout
 from ._errors import UnsupportedSetting as UnsupportedSetting
 from ._protocol import Delivery as Delivery
 from ._protocol import GetResult as GetResult

@@ -3,7 +3,11 @@
 Synchronous AMQP methods (declare, bind, qos, consume, cancel...) are answered in the
 order they were sent on a channel, so each channel keeps a FIFO of waiters and the
 reader resolves the oldest one with each reply. A caller cancelled while waiting
-leaves its waiter in place, so that the late reply still lines up with it.
+leaves its waiter in place, so that the late reply still lines up with it. Every
+synchronous call has a deadline (:data:`CALL_TIMEOUT`, ``Channel.call_timeout``): a
+broker that keeps the connection alive but never answers must not hang its caller.
+Past it the call raises :class:`ReplyTimeout` and the channel is closed, since the
+late reply could no longer be matched.
 
 Acks, nacks and rejects are written without waiting for a round trip (AMQP has no
 reply for them); a delivery tag belongs to its channel, and a channel object that
@@ -34,6 +38,7 @@ from ._errors import (
     LocalProtocolError,
     MessageReturned,
     PublishNacked,
+    ReplyTimeout,
 )
 from ._protocol import (
     ChannelCloseCompleted,
@@ -67,6 +72,10 @@ WRITE_HIGH_WATER = 4 * 1024 * 1024
 #: How long closing a channel, cancelling a consumer or closing the connection may
 #: take before we give up on the broker's answer.
 CLOSE_TIMEOUT = 5.0
+#: How long a synchronous call (qos, declare, bind, consume, get...) may wait for the
+#: broker's reply before its channel is given up (quorum declarations under load take
+#: seconds, never this long).
+CALL_TIMEOUT = 30.0
 
 
 @attrs.frozen
@@ -168,12 +177,18 @@ class Channel:
         self._consumers: dict[str, Consumer] = {}
         self._confirming = False
         self._confirms: dict[int, Waiter[bool]] = {}
+        #: Tags of no-ack consumers until their cancel-ok: a delivery for one that
+        #: arrives after we stopped listening must not be nacked (it is acked already).
         self._no_ack_tags: set[str] = set()
         self._returned: dict[int, Returned] = {}
         self._error: BaseException | None = None
         self._closed = False
         self._consumer_count = 0
         self.flow_active = True
+        #: Seconds a synchronous call waits for its reply (see :data:`CALL_TIMEOUT`).
+        self.call_timeout = CALL_TIMEOUT
+        #: Resolved by the close-ok of a channel.close sent after an unanswered call.
+        self._given_up: Waiter[None] | None = None
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
@@ -198,13 +213,37 @@ class Channel:
         self.connection._check_open()
 
     async def _call(self, method: Frame) -> Frame | GetResult:
-        """Send a synchronous method and wait for its reply."""
+        """Send a synchronous method and wait for its reply, at most
+        :attr:`call_timeout` seconds.
+
+        Raises:
+            ReplyTimeout: no reply in time; the channel is being closed.
+        """
         self._check_open()
         waiter: Waiter[Frame | GetResult] = Waiter()
         self._replies.append(waiter)
         self._core.send_method(self.channel_id, method)
         self.connection._wake_writer()
-        return await waiter.wait()
+        limit = self.call_timeout
+        with anyio.move_on_after(limit):
+            return await waiter.wait()
+        error = ReplyTimeout(
+            f"the broker at {self.connection.params.url} did not answer {method.name} on "
+            f"channel {self.channel_id} within {limit:g} s; the channel is closed (the "
+            "broker or the queue's node is overloaded or partitioned)"
+        )
+        self._give_up(error)
+        raise error
+
+    def _give_up(self, error: BaseException) -> None:
+        """Close this channel after an unanswered call: channel.close goes out now (the
+        broker's late replies are dropped until its close-ok, which closing the
+        channel then waits for), every waiter fails."""
+        if not self._closed and self._can_settle():
+            self._core.close_channel(self.channel_id, 200, "no reply in time")
+            self.connection._wake_writer()
+            self._given_up = Waiter()
+        self._fail(error)
 
     async def qos(self, prefetch_count: int, *, global_: bool = False) -> None:
         """Limit unacked deliveries to ``prefetch_count`` per consumer (0: no limit).
@@ -407,6 +446,8 @@ class Channel:
             if consumer.consumer_tag in self._consumers and self.is_open:
                 with anyio.move_on_after(CLOSE_TIMEOUT), contextlib.suppress(AMQPError):
                     await self._call(commands.Basic.Cancel(consumer_tag=consumer.consumer_tag))
+                    # cancel-ok: no delivery for this tag can follow any more
+                    self._no_ack_tags.discard(consumer.consumer_tag)
             self._consumers.pop(consumer.consumer_tag, None)
             consumer._end(None)
             left = consumer._drain()
@@ -431,9 +472,22 @@ class Channel:
         backed up. An unknown tag makes the broker close this channel
         (406 PRECONDITION_FAILED), which later calls report.
         """
+        self.ack_nowait(delivery_tag, multiple=multiple)
+        await self._backpressure()
+
+    def ack_nowait(self, delivery_tag: int, *, multiple: bool = False) -> None:
+        """Queue a basic.ack for the socket and return at once, however backed up
+        the socket is; :meth:`wait_writable` waits for the backlog to shrink.
+
+        An ack queued is sent as soon as the socket takes it (or never, when the
+        connection breaks first; the broker then requeues the message itself).
+        """
         self._check_open()
         self._core.ack(self.channel_id, delivery_tag, multiple=multiple)
         self.connection._wake_writer()
+
+    async def wait_writable(self) -> None:
+        """Wait while more than ``WRITE_HIGH_WATER`` bytes are queued for the socket."""
         await self._backpressure()
 
     async def nack(
@@ -575,6 +629,7 @@ class Channel:
 
     def _on_consumer_cancelled(self, event: ConsumerCancelledByBroker) -> None:
         tag = event.consumer_tag
+        self._no_ack_tags.discard(tag)  # the broker sends nothing for it after this
         consumer = self._consumers.pop(tag, None)
         if consumer is not None:
             consumer._end(ConsumerCancelled(tag, consumer.queue))
@@ -596,6 +651,8 @@ class Channel:
     def _on_close_completed(self, event: ChannelCloseCompleted) -> None:
         if self._close_waiter is not None:
             self._close_waiter.resolve(None)
+        if self._given_up is not None:
+            self._given_up.resolve(None)
 
     def _start_close(self) -> Waiter[None] | None:
         """Mark the channel closing; the waiter resolves on close-ok (None if closed)."""

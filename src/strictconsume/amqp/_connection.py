@@ -39,6 +39,7 @@ from ._errors import (
     ConnectionClosed,
     ConnectionLost,
     LocalProtocolError,
+    ReplyTimeout,
 )
 from ._protocol import (
     ChannelCloseCompleted,
@@ -203,7 +204,13 @@ class Connection:
         self._wake_writer()
         try:
             try:
-                await waiter.wait()
+                with anyio.move_on_after(ch.call_timeout) as opening:
+                    await waiter.wait()
+                if opening.cancelled_caught:
+                    raise ReplyTimeout(
+                        f"the broker at {self.params.url} did not open channel {channel_id} "
+                        f"within {ch.call_timeout:g} s"
+                    )
                 if confirms:
                     await ch._enable_confirms()
             except BaseException:
@@ -261,6 +268,11 @@ class Connection:
             self._wake_writer()
             with anyio.move_on_after(CLOSE_TIMEOUT, shield=True):
                 await waiter.wait()
+        elif ch._given_up is not None and self._error is None and not self._io_stopped:
+            # Closed after a call went unanswered: wait for that close's close-ok, so
+            # that the channel id is free again when this returns.
+            with anyio.move_on_after(CLOSE_TIMEOUT, shield=True):
+                await ch._given_up.wait()
         ch._fail(LocalProtocolError(f"channel {ch.channel_id} is closed"))
         if self._channels.get(ch.channel_id) is ch:
             # Closed without close-ok (timeout): frames for this id are discarded by

@@ -18,6 +18,8 @@ Who broke it decides the class (as in h11 and trio):
   lost); the caller may subscribe again.
 - :class:`MessageReturned` / :class:`PublishNacked`: a confirmed publish did not
   reach a queue.
+- :class:`ReplyTimeout`: the broker did not answer a synchronous method in time (its
+  channel is then closed, since a late reply could no longer be matched).
 
 Every error's message says what happened and what to do; none ever contains a
 password.
@@ -35,6 +37,7 @@ __all__ = [
     "MessageReturned",
     "PublishNacked",
     "RemoteProtocolError",
+    "ReplyTimeout",
 ]
 
 # Reply codes of AMQP 0-9-1 (and RabbitMQ's use of them), for readable messages.
@@ -239,3 +242,9 @@ class PublishNacked(AMQPError):
             f"key {routing_key!r}: it was not stored (a full queue with overflow "
             "reject-publish, or an internal error); retry later or make room"
         )
+
+
+class ReplyTimeout(AMQPError, TimeoutError):
+    """The broker did not answer a synchronous method (qos, declare, consume...) in
+    time. The channel is closed (channel.close), since a late reply could no longer
+    be matched to its call; the connection and its other channels go on."""

@@ -7,11 +7,14 @@
   aiormq read it; write ``%2F`` for ``/`` explicitly or ``/%2Fshop`` for ``/shop``.
 - The default port is 5672 for ``amqp`` and 5671 for ``amqps``; user and password
   default to ``guest``.
-- Query parameters: ``heartbeat`` (seconds; 0 disables), ``connection_timeout``
-  (seconds, for TCP connect plus handshake), ``frame_max``, ``channel_max``,
+- Query parameters: ``heartbeat`` (seconds, 0 to 65535; 0 disables),
+  ``connection_timeout`` (seconds, for TCP connect plus handshake), ``frame_max``
+  (bytes, 4096 to 2**32 - 1), ``channel_max`` (1 to 65535),
   ``auth_mechanism`` (``PLAIN`` or ``EXTERNAL``), and for TLS ``cafile``,
   ``certfile``, ``keyfile``, ``server_hostname``. An unknown parameter is an error,
-  not silently ignored: a typo in ``heartbeat`` would otherwise go unnoticed.
+  not silently ignored: a typo in ``heartbeat`` would otherwise go unnoticed; so is a
+  value the client can never use (``frame_max=0``, ``channel_max=0``,
+  ``heartbeat=70000``), rather than a failure after every connect.
 
 A password never appears in a repr, an error message or a log line: use
 :func:`redact_url` to show a URL.
@@ -27,6 +30,13 @@ __all__ = ["ConnectionParameters", "parse_url", "redact_url"]
 
 _DEFAULT_PORTS = {"amqp": 5672, "amqps": 5671}
 _INT_PARAMS = {"heartbeat", "frame_max", "channel_max"}
+#: The values the client can use (AMQP 0-9-1: short and long fields; a frame must hold
+#: at least 4096 bytes, the protocol's minimum frame_max).
+_INT_RANGES = {
+    "heartbeat": (0, 65535),
+    "frame_max": (4096, 2**32 - 1),
+    "channel_max": (1, 65535),
+}
 _FLOAT_PARAMS = {"connection_timeout"}
 _STR_PARAMS = {"auth_mechanism", "cafile", "certfile", "keyfile", "server_hostname"}
 
@@ -141,6 +151,9 @@ def parse_url(url: str) -> ConnectionParameters:
                 raise _fail(url, f"{name} must be an integer, not {value!r}") from None
             if number < 0:
                 raise _fail(url, f"{name} must not be negative, not {number}")
+            low, high = _INT_RANGES[name]
+            if not low <= number <= high:
+                raise _fail(url, f"{name} must be between {low} and {high}, not {number}")
             fields[name] = number
         elif name in _FLOAT_PARAMS:
             try:
@@ -158,9 +171,6 @@ def parse_url(url: str) -> ConnectionParameters:
     mechanism = str(fields.pop("auth_mechanism", "PLAIN")).upper()
     if mechanism not in ("PLAIN", "EXTERNAL"):
         raise _fail(url, f"auth_mechanism must be PLAIN or EXTERNAL, not {mechanism!r}")
-    frame_max = fields.get("frame_max")
-    if isinstance(frame_max, int) and frame_max != 0 and frame_max < 4096:
-        raise _fail(url, f"frame_max must be 0 (no limit) or at least 4096, not {frame_max}")
     return ConnectionParameters(
         host=host,
         port=port if port is not None else _DEFAULT_PORTS[scheme],
