@@ -756,7 +756,9 @@ def tls_node() -> Iterator[TLSNode]:
 
 @pytest.mark.slow
 async def test_amqps_with_a_trusted_ca_round_trips_a_message(tls_node: TLSNode) -> None:
-    url = f"amqps://guest:guest@localhost:{tls_node.tls_port}/"
+    # The certificate names 127.0.0.1 too: the address needs no name resolution (a
+    # fresh Debian root has no /etc/hosts entry for localhost).
+    url = f"amqps://guest:guest@127.0.0.1:{tls_node.tls_port}/"
     context = ssl.create_default_context()
     tls_node.ca.configure_trust(context)
     queue = f"test-broker-tls-{uuid.uuid4().hex}"
@@ -776,7 +778,7 @@ async def test_amqps_with_a_trusted_ca_round_trips_a_message(tls_node: TLSNode) 
 async def test_amqps_without_trusting_the_ca_fails_naming_the_certificate(
     tls_node: TLSNode,
 ) -> None:
-    url = f"amqps://guest:guest@localhost:{tls_node.tls_port}/"
+    url = f"amqps://guest:guest@127.0.0.1:{tls_node.tls_port}/"
     with anyio.fail_after(20), pytest.raises(ConnectionLost) as info:
         async with connect(url):
             pytest.fail("connected to a broker whose certificate is not trusted")

@@ -180,9 +180,9 @@ func main() {
 		if err := ch.Confirm(false); err != nil {
 			fail(err)
 		}
-		// why a confirm did not come: the channel's or the connection's close, if any
-		closed := ch.NotifyClose(make(chan *amqp.Error, 1))
-		connClosed := conn.NotifyClose(make(chan *amqp.Error, 1))
+		// Confirms through NotifyPublish, in publish order: the deferred confirmations
+		// of Debian's amqp091-go 1.5 reported an ack as a failure once under load.
+		confirms := ch.NotifyPublish(make(chan amqp.Confirmation, len(os.Args[4:])))
 		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 		defer cancel()
 		for _, id := range os.Args[4:] {
@@ -193,20 +193,19 @@ func main() {
 				Type: "interop.test", UserId: "guest", AppId: "go-client",
 				Body: []byte(`{"from": "go"}`),
 			}
-			confirm, err := ch.PublishWithDeferredConfirmWithContext(ctx, "", queue, true, false, msg)
-			if err != nil {
+			if err := ch.PublishWithContext(ctx, "", queue, true, false, msg); err != nil {
 				fail(err)
 			}
-			if !confirm.Wait() {
-				reason := "the broker nacked it"
-				select {
-				case e := <-closed:
-					reason = fmt.Sprintf("the channel closed: %v", e)
-				case e := <-connClosed:
-					reason = fmt.Sprintf("the connection closed: %v", e)
-				case <-time.After(time.Second):
+			select {
+			case confirm, open := <-confirms:
+				if !open {
+					fail(fmt.Errorf("publish %s not confirmed: the channel closed", id))
 				}
-				fail(fmt.Errorf("publish %s not confirmed: %s", id, reason))
+				if !confirm.Ack {
+					fail(fmt.Errorf("publish %s nacked by the broker (tag %d)", id, confirm.DeliveryTag))
+				}
+			case <-ctx.Done():
+				fail(fmt.Errorf("publish %s not confirmed within 30 s", id))
 			}
 			out = append(out, properties(msg, msg.Body))
 		}

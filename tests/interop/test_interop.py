@@ -16,7 +16,8 @@ on trio and on asyncio:
    see exactly those values (checked against what the client says it sent), then fails:
    message "dlq" is retried once (a retry copy) and then dead-lettered (a copy of the
    copy), message "retry" raises ``RetryLater(3600)`` and its copy waits in
-   ``<queue>.retry.3600000``. The client reads the dead letter and the retry copy and
+   ``<queue>.retry.4000000`` (3600 s rounded to an ad-hoc step). The client reads
+   the dead letter and the retry copy and
    must find every original value *and wire type* unchanged, every property but the two
    copies change on purpose (``delivery_mode`` 2, no ``expiration``), plus the
    ``x-error-*`` / ``x-attempt`` / ``x-original-*`` headers.
@@ -68,6 +69,7 @@ import anyio.to_thread
 import pytest
 
 import strictconsume as sc
+from strictconsume._retry import ad_hoc_delay, delay_ms
 from strictconsume.amqp import Properties, Timestamp, connect
 
 pytestmark = [pytest.mark.broker, pytest.mark.anyio]
@@ -81,6 +83,8 @@ JAVA_CP = ":".join(
 )
 EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
 RETRY_LATER = 3600.0
+#: The retry queue that serves it: an ad-hoc delay is rounded to a step (4000 s).
+RETRY_LATER_MS = delay_ms(ad_hoc_delay(RETRY_LATER))
 
 Node = dict[str, Any]  # {"t": wire type, "v": value}
 
@@ -144,7 +148,7 @@ def queue(broker_url: str) -> Iterator[str]:
 
     async def delete() -> None:
         async with connect(broker_url) as conn, conn.channel() as ch:
-            for suffix in ("", ".dlq", f".retry.{int(RETRY_LATER * 1000)}", ".retry.100"):
+            for suffix in ("", ".dlq", f".retry.{RETRY_LATER_MS}", ".retry.100"):
                 await ch.queue_delete(name + suffix)
 
     anyio.run(delete)
@@ -289,7 +293,7 @@ async def test_what_a_client_sends_reaches_the_handler_and_survives_the_copies(
             run_client, clients[client], "read", url, f"{queue}.dlq", "1"
         )
         [retried] = await anyio.to_thread.run_sync(
-            run_client, clients[client], "read", url, f"{queue}.retry.3600000", "1"
+            run_client, clients[client], "read", url, f"{queue}.retry.{RETRY_LATER_MS}", "1"
         )
 
     by_attempt = {(m.message_id, m.attempt): m for m in seen}
