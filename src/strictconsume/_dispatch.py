@@ -45,13 +45,7 @@ from ._native import HandlerGroup, Native
 from ._outcome import Outcome, OutcomeKind, decide, error_type
 from ._publisher import COPIES
 from ._retry import AD_HOC_LEASE_RENEWAL, dead_letter_queue_name, retry_queue_name
-from ._topology import (
-    RETRY_QUEUES_DURABLE,
-    TopologyError,
-    dead_letter_arguments,
-    declare_consumer,
-    retry_arguments,
-)
+from ._topology import TopologyError, dead_letter_arguments, declare_consumer, retry_arguments
 from .amqp import AMQPError, ChannelClosed, ConsumerCancelled, MessageReturned, Properties
 from .amqp._connection import asyncio_cancel_requested
 
@@ -729,21 +723,13 @@ class Dispatcher:
             now = anyio.current_time()
             if now - self._leases.get(queue, -math.inf) >= AD_HOC_LEASE_RENEWAL:
                 await self._publishing.declare_queue(
-                    queue, arguments, durable=RETRY_QUEUES_DURABLE, purpose=COPIES
+                    queue, arguments, durable=self.spec.durable, purpose=COPIES
                 )
                 self._leases[queue] = now
-        await self._publish_copy(
-            msg, queue, arguments, retry_headers(msg), durable=RETRY_QUEUES_DURABLE
-        )
+        await self._publish_copy(msg, queue, arguments, retry_headers(msg))
 
     async def _publish_copy(
-        self,
-        msg: Message,
-        queue: str,
-        arguments: FieldTable | None,
-        headers: FieldTable,
-        *,
-        durable: bool,
+        self, msg: Message, queue: str, arguments: FieldTable | None, headers: FieldTable
     ) -> None:
         """Publish a confirmed copy of ``msg`` to ``queue``; when no such queue exists
         (a delay outside the policy, or a queue deleted on the broker) declare it and
@@ -760,7 +746,9 @@ class Dispatcher:
                 mandatory=True,
             )
         except MessageReturned:
-            await publishing.declare_queue(queue, arguments, durable=durable, purpose=COPIES)
+            await publishing.declare_queue(
+                queue, arguments, durable=self.spec.durable, purpose=COPIES
+            )
             await publishing.publish(
                 msg.body,
                 purpose=COPIES,
@@ -776,7 +764,6 @@ class Dispatcher:
             dead_letter_queue_name(self.queue),
             dead_letter_arguments(self.spec),
             dead_letter_headers(msg, outcome),
-            durable=self.spec.durable,
         )
 
     def _record(
