@@ -46,7 +46,14 @@ from ._outcome import Outcome, OutcomeKind, decide, error_type
 from ._publisher import COPIES
 from ._retry import AD_HOC_LEASE_RENEWAL, dead_letter_queue_name, retry_queue_name
 from ._topology import TopologyError, dead_letter_arguments, declare_consumer, retry_arguments
-from .amqp import AMQPError, ChannelClosed, ConsumerCancelled, MessageReturned, Properties
+from .amqp import (
+    AMQPError,
+    ChannelClosed,
+    ConnectionLost,
+    ConsumerCancelled,
+    MessageReturned,
+    Properties,
+)
 from .amqp._connection import asyncio_cancel_requested
 
 if TYPE_CHECKING:
@@ -674,6 +681,7 @@ class Dispatcher:
             await state.requeue(tag)
             return outcome
         published = False
+        connection_lost = False  # the publishing connection broke: no refusal
         with anyio.move_on_after(SETTLE_TIMEOUT):
             try:
                 if kind is OutcomeKind.RETRY:
@@ -682,6 +690,7 @@ class Dispatcher:
                     await self._publish_dead_letter(msg, outcome)
                 published = True
             except AMQPError as exc:
+                connection_lost = isinstance(exc, ConnectionLost)
                 logger.error(
                     "queue %r: could not publish message %r (delivery_tag %d) to its %s "
                     "queue: %s; it goes back to the queue",
@@ -704,9 +713,11 @@ class Dispatcher:
                 await state.reject(tag)
                 return Outcome(OutcomeKind.DEAD_LETTER, error_type=error_type(exc))
         if not published:
-            if state.ch.is_open:  # a live broker refused the copy: do not spin on it
+            if state.ch.is_open and not connection_lost:  # refused or no confirm in time
                 await anyio.sleep(SETTLE_FAILURE_PAUSE)
-            # (on a closed channel the broker requeues it itself; nothing to wait for)
+            # (on a closed channel the broker requeues it itself; and a lost publishing
+            # connection is no refusal: its loss often comes with the consumers' own,
+            # whose reconnect this shielded pause would hold up)
             await state.requeue(tag)
             return Outcome(OutcomeKind.REQUEUE, error_type=outcome.error_type)
         await state.acked(tag)
