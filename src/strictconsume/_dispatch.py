@@ -45,15 +45,16 @@ from ._native import HandlerGroup, Native
 from ._outcome import Outcome, OutcomeKind, decide, error_type
 from ._publisher import COPIES
 from ._retry import AD_HOC_LEASE_RENEWAL, dead_letter_queue_name, retry_queue_name
-from ._topology import (
-    RETRY_QUEUES_DURABLE,
-    TopologyError,
-    dead_letter_arguments,
-    declare_consumer,
-    retry_arguments,
-)
+from ._topology import TopologyError, dead_letter_arguments, declare_consumer, retry_arguments
 from ._versions import Version, consumer_timeout_argument, consumer_timeout_cancels
-from .amqp import AMQPError, ChannelClosed, ConsumerCancelled, MessageReturned, Properties
+from .amqp import (
+    AMQPError,
+    ChannelClosed,
+    ConnectionLost,
+    ConsumerCancelled,
+    MessageReturned,
+    Properties,
+)
 from .amqp._codec import Headers
 from .amqp._connection import asyncio_cancel_requested
 
@@ -770,6 +771,7 @@ class Dispatcher:
             await state.requeue(tag)
             return outcome
         published = False
+        connection_lost = False  # the publishing connection broke: no refusal
         with anyio.move_on_after(SETTLE_TIMEOUT):
             try:
                 if kind is OutcomeKind.RETRY:
@@ -781,6 +783,7 @@ class Dispatcher:
                 if isinstance(exc, ChannelClosed) and exc.message_too_large:
                     # over the broker's max_message_size: no retry will help
                     return await self._reject_uncopyable(state, msg, exc)
+                connection_lost = isinstance(exc, ConnectionLost)
                 logger.error(
                     "queue %r: could not publish message %r (delivery_tag %d) to its %s "
                     "queue: %s; it goes back to the queue",
@@ -793,9 +796,11 @@ class Dispatcher:
             except ValueError as exc:  # the copy cannot be encoded: no retry will help
                 return await self._reject_uncopyable(state, msg, exc)
         if not published:
-            if state.ch.is_open:  # a live broker refused the copy: do not spin on it
+            if state.ch.is_open and not connection_lost:  # refused or no confirm in time
                 await anyio.sleep(SETTLE_FAILURE_PAUSE)
-            # (on a closed channel the broker requeues it itself; nothing to wait for)
+            # (on a closed channel the broker requeues it itself; and a lost publishing
+            # connection is no refusal: its loss often comes with the consumers' own,
+            # whose reconnect this shielded pause would hold up)
             await state.requeue(tag)
             return Outcome(OutcomeKind.REQUEUE, error_type=outcome.error_type)
         await state.acked(tag)
@@ -830,21 +835,13 @@ class Dispatcher:
             now = anyio.current_time()
             if now - self._leases.get(queue, -math.inf) >= AD_HOC_LEASE_RENEWAL:
                 await self._publishing.declare_queue(
-                    queue, arguments, durable=RETRY_QUEUES_DURABLE, purpose=COPIES
+                    queue, arguments, durable=self.spec.durable, purpose=COPIES
                 )
                 self._leases[queue] = now
-        await self._publish_copy(
-            msg, queue, arguments, retry_headers(msg), durable=RETRY_QUEUES_DURABLE
-        )
+        await self._publish_copy(msg, queue, arguments, retry_headers(msg))
 
     async def _publish_copy(
-        self,
-        msg: Message,
-        queue: str,
-        arguments: FieldTable | None,
-        headers: FieldTable,
-        *,
-        durable: bool,
+        self, msg: Message, queue: str, arguments: FieldTable | None, headers: FieldTable
     ) -> None:
         """Publish a confirmed copy of ``msg`` to ``queue``; when no such queue exists
         (a delay outside the policy, or a queue deleted on the broker) declare it and
@@ -861,7 +858,9 @@ class Dispatcher:
                 mandatory=True,
             )
         except MessageReturned:
-            await publishing.declare_queue(queue, arguments, durable=durable, purpose=COPIES)
+            await publishing.declare_queue(
+                queue, arguments, durable=self.spec.durable, purpose=COPIES
+            )
             await publishing.publish(
                 msg.body,
                 purpose=COPIES,
@@ -877,7 +876,6 @@ class Dispatcher:
             dead_letter_queue_name(self.queue),
             dead_letter_arguments(self.spec),
             dead_letter_headers(msg, outcome),
-            durable=self.spec.durable,
         )
 
     def _record(

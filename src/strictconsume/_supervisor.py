@@ -252,7 +252,7 @@ class Supervisor:
                     logger.info(
                         "publishing connection open to %s",
                         params.url,
-                        extra={"event": "connected"},
+                        extra={"event": "publisher_connected"},
                     )
                     await self._publishing.serve(conn, until=done)
             except Exception as exc:
@@ -271,7 +271,7 @@ class Supervisor:
                 "lost" if connected_at is not None else "failed",
                 error,
                 delay,
-                extra={"event": "reconnecting", "delay": round(delay, 3)},
+                extra={"event": "publisher_reconnecting", "delay": round(delay, 3)},
             )
             with self._idle_scope():
                 await anyio.sleep(delay)

@@ -27,9 +27,6 @@ if TYPE_CHECKING:
     from .amqp import Channel
 
 __all__ = [
-    "QUORUM_DEAD_LETTER_ARGUMENTS",
-    "QUORUM_RETRY_ARGUMENTS",
-    "RETRY_QUEUES_DURABLE",
     "TopologyError",
     "dead_letter_arguments",
     "declare_consumer",
@@ -73,25 +70,18 @@ def queue_arguments(spec: ConsumerSpec) -> FieldTable:
     return arguments
 
 
-#: What a quorum consumer's dead-letter queue adds to its arguments. It is a quorum
-#: queue too: a classic queue lives on one node, and with that node down the consumer
-#: could not declare it again on another, so it could not fail over.
+#: What a quorum consumer's retry and dead-letter queues add to their arguments. They
+#: are quorum queues too: a classic queue lives on one node, and with that node down
+#: the consumer could not declare it again on another, so it could not fail over. A
+#: retry queue hands its messages back with at-least-once dead-lettering (RabbitMQ
+#: 3.10+, which needs ``x-overflow=reject-publish``): the broker keeps a message until
+#: the main queue has confirmed it, so an expiring retry is never dropped on the way.
 QUORUM_DEAD_LETTER_ARGUMENTS: FieldTable = {"x-queue-type": "quorum"}
-#: What every consumer's retry queues add to their arguments, classic consumers' too.
-#: A retry queue hands its messages back to the main queue through the broker's
-#: dead-lettering, which is at-most-once from a classic queue: a main queue that
-#: refuses the message then (a length limit with ``reject-publish``, its node down)
-#: would lose it. A quorum queue with at-least-once dead-lettering (RabbitMQ 3.10+,
-#: which needs ``x-overflow=reject-publish``) keeps the message until the main queue,
-#: of whatever type, has confirmed it. Quorum queues are durable, whatever the
-#: consumer's ``durable``.
 QUORUM_RETRY_ARGUMENTS: FieldTable = {
     "x-queue-type": "quorum",
     "x-dead-letter-strategy": "at-least-once",
     "x-overflow": "reject-publish",
 }
-#: Retry queues are quorum queues: always durable.
-RETRY_QUEUES_DURABLE = True
 
 
 def dead_letter_arguments(spec: ConsumerSpec) -> FieldTable | None:
@@ -105,7 +95,8 @@ def retry_arguments(spec: ConsumerSpec, delay: float) -> FieldTable:
     arguments = dict(retry_queue_arguments(spec.queue, delay))
     if spec.retry.is_ad_hoc(delay):
         arguments.update(ad_hoc_queue_arguments(delay))
-    arguments.update(QUORUM_RETRY_ARGUMENTS)
+    if spec.queue_type == "quorum":
+        arguments.update(QUORUM_RETRY_ARGUMENTS)
     return arguments
 
 
@@ -127,7 +118,7 @@ async def declare_consumer(ch: Channel, spec: ConsumerSpec) -> None:
             name = retry_queue_name(queue, delay)
             what = f"the retry queue {name!r}"
             arguments = retry_arguments(spec, delay)
-            await ch.queue_declare(name, durable=RETRY_QUEUES_DURABLE, arguments=arguments)
+            await ch.queue_declare(name, durable=spec.durable, arguments=arguments)
         what = f"queue {queue!r}"
         await ch.queue_declare(queue, durable=spec.durable, arguments=queue_arguments(spec))
         for binding in spec.bindings:

@@ -12,8 +12,6 @@ Each test fails on the code before its fix (named in the commit that adds it):
    has a deadline;
 6. an ad-hoc retry queue (which expires when unused) is declared again before a
    publish once its lease is old;
-8. a retried copy that a full classic queue refuses is kept until it has room (real
-   broker, pika as the oracle);
 9. smaller ones: a lost connection during a backoff leaves no intake scope behind;
    ``app.run()`` inside ``app.running()`` raises and the block still stops; a
    publisher outside a running App tries every URL.
@@ -47,8 +45,6 @@ from strictconsume.amqp._channel import CALL_TIMEOUT
 
 from ..amqp.fake_broker import ClientClosed, FakeBroker, pair
 from ..amqp.oracle import Oracle
-from ..conftest import dev_broker
-from .polling import wait_until
 from .test_dispatch_fake import (
     CLEAN_SHUTDOWN,
     FIRST_CONSUMER_CHANNEL,
@@ -507,72 +503,6 @@ async def test_an_ad_hoc_retry_queue_is_declared_again_before_its_lease_runs_out
         (AD_HOC_LEASE_RENEWAL + 1, "declare"),
         (AD_HOC_LEASE_RENEWAL + 1, "publish"),
     ]
-
-
-# -- 8. a classic consumer's retry hop is at-least-once ----------------------------------------
-
-
-#: RabbitMQ's default dead_letter_worker_publisher_confirm_timeout (ms). It must be set
-#: back, not unset: the quorum queues' dead-letter workers read it without a default.
-DEAD_LETTER_RETRY_DEFAULT = 180_000
-
-
-def set_dead_letter_retry(ms: int) -> None:
-    key = "dead_letter_worker_publisher_confirm_timeout"
-    dev_broker("ctl", "eval", f"application:set_env(rabbit, {key}, {ms}).")
-
-
-@pytest.mark.broker
-async def test_a_retry_refused_by_a_full_classic_queue_waits_until_it_has_room(
-    anyio_backend: Any, broker_url: str, broker_ctl: None
-) -> None:
-    """A classic queue with ``x-max-length=1`` and ``x-overflow=reject-publish`` is
-    full when a retried copy's TTL expires: the broker's dead-lettering back to it is
-    refused. From a classic retry queue (at-most-once) the copy was dropped: lost.
-    From a quorum retry queue with at-least-once dead-lettering it is kept, and
-    reaches the queue once there is room. (The broker retries a refused
-    dead-lettering after ``dead_letter_worker_publisher_confirm_timeout``, 3 min by
-    default: this test sets it to 1 s on the private broker.)"""
-    oracle = Oracle(broker_url)
-    queue = f"sc-full-{uuid.uuid4().hex}"
-    retry_queue = f"{queue}.retry.3000"
-    seen: list[tuple[bytes, int]] = []
-    await anyio.to_thread.run_sync(set_dead_letter_retry, 1000)
-    try:
-        app = sc.App(url=broker_url, grace_period=2.0)
-
-        @app.consumer(
-            queue,
-            retry=sc.Retry(delays=(3.0,)),
-            timeout=5.0,
-            arguments={"x-max-length": 1, "x-overflow": "reject-publish"},
-        )
-        async def handle(msg: sc.Message) -> None:
-            seen.append((msg.body, msg.attempt))
-            if msg.body == b"m" and msg.attempt == 1:
-                raise ValueError("fails once")
-
-        async def copy_waiting() -> bool:
-            return await oracle.message_count(retry_queue) == 1
-
-        async with app.running():
-            await oracle.publish(queue, b"m")
-            await wait_until(copy_waiting, within=2.5, what="the copy in the retry queue")
-        # Nobody consumes now: the filler makes the queue full before the copy expires.
-        await oracle.publish(queue, b"filler")
-        await anyio.sleep(4.0)  # the copy's 3 s are over: the full queue refused it
-        assert await oracle.message_count(queue) == 1
-
-        async def all_seen() -> bool:
-            return len(seen) == 3
-
-        async with app.running():
-            await wait_until(all_seen, within=20, what="the retried copy handled")
-    finally:
-        await anyio.to_thread.run_sync(set_dead_letter_retry, DEAD_LETTER_RETRY_DEFAULT)
-        for name in (queue, f"{queue}.dlq", retry_queue):
-            await oracle.delete(name)
-    assert seen == [(b"m", 1), (b"filler", 1), (b"m", 2)]
 
 
 # -- 9. smaller ones --------------------------------------------------------------------------
