@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+import functools
 import logging
 import math
 from collections.abc import Callable, Iterator
@@ -846,29 +847,23 @@ class Dispatcher:
         """Publish a confirmed copy of ``msg`` to ``queue``; when no such queue exists
         (a delay outside the policy, or a queue deleted on the broker) declare it and
         publish once more."""
-        properties = _copy_properties(msg.properties, headers)
         publishing = self._publishing
+        publish = functools.partial(
+            publishing.publish,
+            msg.body,
+            purpose=COPIES,
+            exchange="",
+            routing_key=queue,
+            properties=_copy_properties(msg.properties, headers),
+            mandatory=True,
+        )
         try:
-            await publishing.publish(
-                msg.body,
-                purpose=COPIES,
-                exchange="",
-                routing_key=queue,
-                properties=properties,
-                mandatory=True,
-            )
+            await publish()
         except MessageReturned:
             await publishing.declare_queue(
                 queue, arguments, durable=self.spec.durable, purpose=COPIES
             )
-            await publishing.publish(
-                msg.body,
-                purpose=COPIES,
-                exchange="",
-                routing_key=queue,
-                properties=properties,
-                mandatory=True,
-            )
+            await publish()
 
     async def _publish_dead_letter(self, msg: Message, outcome: Outcome) -> None:
         await self._publish_copy(
