@@ -170,10 +170,12 @@ def feed_expecting_only_remote_errors(
         local_error = exc
     if local_error is not None:
         # The only local errors input can cause: a mutated connection.start that no
-        # longer offers PLAIN, or whose version refuses our frame_max.
+        # longer offers PLAIN, or whose version refuses our frame_max, or a mutated
+        # connection.tune whose channel_max leaves no channel for the traffic.
         assert handshake_mutated
-        assert isinstance(local_error, UnsupportedSetting) or (
-            "authentication mechanism" in str(local_error)
+        assert isinstance(local_error, UnsupportedSetting) or any(
+            documented in str(local_error)
+            for documented in ("authentication mechanism", "channels the broker allows")
         )
 
 
