@@ -255,20 +255,20 @@ class App:
         for spec in self._specs:
             if not consumer_timeout_enforced(version, spec.queue_type):
                 continue  # 4.3 takes no delivery of a classic queue back
-            limit = spec.consumer_timeout or settings.consumer_timeout
+            limit = spec.broker_consumer_timeout(settings.consumer_timeout)
             if spec.timeout is None:
                 logger.warning(
                     "the handler of queue %r has no timeout: a handler that hangs keeps "
                     "its message until the broker's consumer timeout (%g s) takes it "
                     "back (%s %s); set timeout= on the consumer",
                     spec.queue,
-                    limit,
+                    limit or 0,  # 0: the broker's timeout is disabled
                     broker,
                     "cancels the consumer"
                     if consumer_timeout_cancels(version)
                     else "closes the channel",
                 )
-            elif spec.timeout > limit:
+            elif limit is not None and spec.timeout > limit:
                 logger.warning(
                     "the handler timeout of queue %r (%g s) is longer than the broker's "
                     "consumer timeout (%g s): the broker would take the message back "

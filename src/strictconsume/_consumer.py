@@ -137,6 +137,12 @@ class ConsumerSpec:
                 "queues do not count deliveries)"
             )
 
+    def broker_consumer_timeout(self, default: float) -> float | None:
+        """Seconds the broker lets one of this consumer's deliveries stay unacked: its
+        own ``consumer_timeout``, else ``default`` (the broker's setting as the App was
+        told it); None when that is 0 (the broker's timeout disabled)."""
+        return self.consumer_timeout or default or None
+
     @property
     def effective_delivery_limit(self) -> int | None:
         """The ``x-delivery-limit`` declared: None for classic queues and for 0."""

@@ -416,7 +416,7 @@ class Dispatcher:
         self.shutdown = shutdown
         #: The broker's consumer timeout for this consumer, in seconds: its own
         #: ``consumer_timeout=``, else the broker's setting as the App was told it.
-        self.consumer_timeout = spec.consumer_timeout or consumer_timeout
+        self.consumer_timeout = spec.broker_consumer_timeout(consumer_timeout)
         self._on_consumer_timeout = on_consumer_timeout
         self._on_outcome = on_outcome
         self._on_subscribed = on_subscribed
@@ -610,6 +610,7 @@ class Dispatcher:
             isinstance(error, ConsumerCancelled)
             and consumer_timeout_cancels(version)
             and held is not None
+            and self.consumer_timeout is not None
             and held[0] >= self.consumer_timeout * CONSUMER_TIMEOUT_SLACK
         ):
             return
@@ -620,12 +621,12 @@ class Dispatcher:
             else (f"message {held[2]!r} (delivery_tag {held[1]}), unacked for {held[0]:.1f} s")
         )
         logger.warning(
-            "queue %r: the broker took back %s, past its consumer timeout (%g s here), "
+            "queue %r: the broker took back %s, past its consumer timeout (%s s here), "
             "and %s; the message is delivered again. Give the handler a timeout below "
             "the consumer timeout, or raise it for this consumer with consumer_timeout=",
             self.queue,
             what,
-            self.consumer_timeout,
+            "?" if self.consumer_timeout is None else f"{self.consumer_timeout:g}",
             "closed the channel" if isinstance(error, ChannelClosed) else "cancelled the consumer",
             extra={
                 "event": "consumer_timeout",

@@ -1303,3 +1303,17 @@ def test_help_explains_every_option(capsys: pytest.CaptureFixture[str]) -> None:
 def test_quorum_queue_arguments(kwargs: dict[str, Any], expected: dict[str, Any]) -> None:
     spec = ConsumerSpec("orders", _handler, **kwargs)
     assert queue_arguments(spec) == {**main_queue_arguments("orders"), **expected}
+
+
+def test_a_broker_consumer_timeout_of_0_means_none() -> None:
+    """App(consumer_timeout=0) says the broker's timeout is disabled: no delivery is
+    taken back (no warning about a longer handler timeout, no broker-sent cancel taken
+    for a timeout); a consumer's own consumer_timeout= wins over the App's."""
+    from strictconsume import ConsumerSpec
+
+    async def handle(msg: object) -> None:
+        pass
+
+    assert ConsumerSpec("q", handle).broker_consumer_timeout(0.0) is None
+    assert ConsumerSpec("q", handle).broker_consumer_timeout(1800.0) == 1800.0
+    assert ConsumerSpec("q", handle, consumer_timeout=5.0).broker_consumer_timeout(0.0) == 5.0
