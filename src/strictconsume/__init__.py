@@ -25,6 +25,8 @@ from ._consumer import ConsumerSpec as ConsumerSpec
 from ._consumer import consumer as consumer
 from ._message import DecodeError as DecodeError
 from ._message import Message as Message
+from ._middleware import CallNext as CallNext
+from ._middleware import Middleware as Middleware
 from ._outcome import Reject as Reject
 from ._outcome import Requeue as Requeue
 from ._outcome import RetryLater as RetryLater
@@ -32,6 +34,7 @@ from ._publisher import Publisher as Publisher
 from ._retry import Retry as Retry
 from ._settings import SettingsError as SettingsError
 from ._supervisor import StartupError as StartupError
+from ._typed import InvalidBody as InvalidBody
 
 # Show public classes as strictconsume.X (in reprs, tracebacks and the x-error-type
 # header of dead letters), not as the private module that defines them.
@@ -40,6 +43,7 @@ for _cls in (
     Binding,
     ConsumerSpec,
     DecodeError,
+    InvalidBody,
     Message,
     Reject,
     Requeue,

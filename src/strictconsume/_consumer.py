@@ -2,23 +2,23 @@
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import attrs
 
+from ._handler import handler_is_blocking
+from ._middleware import Middleware, check_middleware
 from ._retry import Retry
 
 if TYPE_CHECKING:
     from pamqp.common import FieldTable
 
-    from ._message import Message
-
 __all__ = ["SPEC_ATTRIBUTE", "Binding", "ConsumerSpec", "Handler", "consumer"]
 
-Handler = Callable[["Message"], Awaitable[None]]
-H = TypeVar("H", bound=Callable[..., Awaitable[Any]])
+#: An ``async def`` or plain ``def`` taking the message, its typed body, or both.
+Handler = Callable[..., Awaitable[Any]] | Callable[..., Any]
+H = TypeVar("H", bound=Callable[..., Any])
 
 #: Where ``@consumer`` leaves the spec on the decorated function.
 SPEC_ATTRIBUTE = "__strictconsume_consumer__"
@@ -96,6 +96,13 @@ def _retry(value: Retry | None) -> Retry:
     return value
 
 
+def _middleware(value: Iterable[Middleware]) -> tuple[Middleware, ...]:
+    middleware = tuple(value)
+    for mw in middleware:
+        check_middleware(mw)
+    return middleware
+
+
 @attrs.frozen
 class ConsumerSpec:
     """One consumer: a handler, its queue and how the queue is consumed.
@@ -124,6 +131,9 @@ class ConsumerSpec:
     #: Seconds a delivery may stay unacked before the broker takes it back (the
     #: consumer argument ``x-consumer-timeout``); None: the broker's own setting.
     consumer_timeout: float | None = attrs.field(default=None, validator=_optional_positive)
+    #: Middleware around this consumer's handler (inside the App's): see
+    #: :mod:`._middleware`.
+    middleware: tuple[Middleware, ...] = attrs.field(default=(), converter=_middleware, eq=False)
 
     @delivery_limit.validator
     def _check_delivery_limit(self, attribute: attrs.Attribute[Any], value: Any) -> None:
@@ -152,11 +162,7 @@ class ConsumerSpec:
         return limit or None
 
     def __attrs_post_init__(self) -> None:
-        if not inspect.iscoroutinefunction(self.handler):
-            raise TypeError(
-                f"the handler for queue {self.queue!r} must be an 'async def' function, "
-                f"not {self.handler!r}"
-            )
+        handler_is_blocking(self.handler, queue=self.queue)  # a TypeError if neither
         if self.queue_type == "quorum" and not self.durable:
             raise ValueError(f"queue {self.queue!r}: quorum queues are always durable")
         if self.arguments and "x-delivery-limit" in self.arguments:
@@ -194,8 +200,10 @@ def consumer(
     arguments: Mapping[str, Any] | None = None,
     delivery_limit: int | None = None,
     consumer_timeout: float | None = None,
+    middleware: Iterable[Middleware] = (),
 ) -> Callable[[H], H]:
-    """Declare an ``async def`` function as the handler of ``queue``.
+    """Declare a function as the handler of ``queue``: an ``async def``, or a plain
+    ``def`` (run in a worker thread), taking the message, its typed body, or both.
 
     ``python -m strictconsume module`` collects every function of the module decorated
     this way into one App; :meth:`App.consumer` is the same decorator for one App.
@@ -222,6 +230,9 @@ def consumer(
             minutes). Sent where the broker honours it: RabbitMQ 3.12 and later, and
             from 4.3 for quorum queues only (4.3 enforces no consumer timeout on
             classic queues, and refuses the argument there).
+        middleware: Middleware around this handler (inside the App's), the first
+            outermost: ``async def mw(msg, call_next)`` or an async context manager
+            factory taking the message.
     """
 
     def decorate(handler: H) -> H:
@@ -238,6 +249,7 @@ def consumer(
             arguments=arguments,
             delivery_limit=delivery_limit,
             consumer_timeout=consumer_timeout,
+            middleware=middleware,
         )
         setattr(handler, SPEC_ATTRIBUTE, spec)
         return handler

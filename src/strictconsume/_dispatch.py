@@ -35,6 +35,7 @@ import attrs
 
 from ._acks import AckTracker
 from ._backoff import DEFAULT_BACKOFF, Backoff
+from ._handler import Pipeline, build_pipeline
 from ._message import (
     ATTEMPT_HEADER,
     BROKER_COUNT_HEADERS,
@@ -290,11 +291,16 @@ class _ChannelState:
 
 
 async def call_handler(
-    spec: ConsumerSpec, msg: Message, *, started: float | None = None, native: Native | None = None
+    spec: ConsumerSpec,
+    msg: Message,
+    *,
+    pipeline: Pipeline,
+    started: float | None = None,
+    native: Native | None = None,
 ) -> Exception | None:
-    """Run ``spec``'s handler on ``msg`` within its timeout, counted from ``started``
-    (``anyio.current_time()``; default: now). ``native``: the running loop's
-    primitives, when the caller has them already.
+    """Run ``spec``'s handler, through its ``pipeline``, on ``msg`` within its timeout,
+    counted from ``started`` (``anyio.current_time()``; default: now). ``native``: the
+    running loop's primitives, when the caller has them already.
 
     Returns the exception the handler raised (a :class:`TimeoutError` when it ran out
     of time), or None when it returned. A cancellation from outside, and exceptions
@@ -302,13 +308,13 @@ async def call_handler(
     """
     try:
         if spec.timeout is None:
-            await spec.handler(msg)
+            await pipeline(msg)
             return None
         native = native or Native()
         if started is None:
             started = native.current_time()
         with native.cancel_scope(deadline=started + spec.timeout) as scope:
-            await spec.handler(msg)
+            await pipeline(msg)
     except Exception as exc:
         return exc
     except asyncio.CancelledError as exc:
@@ -326,7 +332,11 @@ async def call_handler(
     # cancel_called, not cancelled_caught: a handler that swallowed the cancellation
     # and returned still ran out of time.
     if scope.cancel_called:
-        return TimeoutError(f"the handler exceeded its timeout of {spec.timeout:g} s")
+        thread = " (its worker thread runs on; what it returns is ignored)"
+        return TimeoutError(
+            f"the handler exceeded its timeout of {spec.timeout:g} s"
+            + (thread if pipeline.blocking else "")
+        )
     return None
 
 
@@ -409,8 +419,12 @@ class Dispatcher:
         backoff: Backoff = DEFAULT_BACKOFF,
         consumer_timeout: float = DEFAULT_CONSUMER_TIMEOUT,
         on_consumer_timeout: Callable[[str], None] = lambda queue: None,
+        pipeline: Pipeline | None = None,
     ) -> None:
         self.spec = spec
+        #: How the handler is called (built by the App with its middleware and
+        #: replies; by default the bare handler's).
+        self.pipeline = pipeline if pipeline is not None else build_pipeline(spec)
         self.queue = spec.queue
         self.prefetch = prefetch
         self.shutdown = shutdown
@@ -733,7 +747,9 @@ class Dispatcher:
         state.running[delivery.delivery_tag] = (started, msg.message_id)
         try:
             try:
-                error = await call_handler(spec, msg, started=started, native=native)
+                error = await call_handler(
+                    spec, msg, pipeline=self.pipeline, started=started, native=native
+                )
             except anyio.get_cancelled_exc_class():
                 # shutdown after the grace period, or the channel/connection is gone
                 await state.requeue(delivery.delivery_tag)

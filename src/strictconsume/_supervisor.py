@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import logging
 import random as random_module
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING
 
@@ -57,6 +57,7 @@ from .amqp import (
 
 if TYPE_CHECKING:
     from ._consumer import ConsumerSpec
+    from ._handler import Pipeline
 
 __all__ = ["StartupError", "Supervisor"]
 
@@ -97,6 +98,7 @@ class Supervisor:
         random: random_module.Random | None = None,
         backoff: Backoff = DEFAULT_BACKOFF,
         connect: Connect = _connect,
+        pipelines: Mapping[str, Pipeline] | None = None,
     ) -> None:
         if not parameters:
             raise ValueError("at least one URL is needed")
@@ -126,6 +128,7 @@ class Supervisor:
                 backoff=backoff,
                 consumer_timeout=consumer_timeout,
                 on_consumer_timeout=on_consumer_timeout,
+                pipeline=None if pipelines is None else pipelines[spec.queue],
             )
             for spec in self.specs
         ]
