@@ -16,6 +16,7 @@ channel whenever its current one was closed.
 from __future__ import annotations
 
 import contextlib
+import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -27,6 +28,7 @@ from .amqp import AMQPError, ChannelClosed, ConnectionLost, Properties, connect
 if TYPE_CHECKING:
     from pamqp.common import FieldTable
 
+    from ._message import Message
     from .amqp import Channel, Connection, ConnectionParameters
 
 __all__ = [
@@ -249,6 +251,57 @@ class Publisher:
                 properties=properties,
                 mandatory=mandatory,
             )
+
+    async def request(
+        self,
+        body: bytes | str,
+        *,
+        routing_key: str,
+        exchange: str = "",
+        timeout: float = 30.0,  # noqa: ASYNC109 (the reply's, part of the call)
+        headers: Mapping[str, Any] | None = None,
+        message_id: str | None = None,
+        content_type: str | None = None,
+        correlation_id: str | None = None,
+    ) -> Message:
+        """Send a request and wait for its reply (RPC over RabbitMQ's direct reply-to).
+
+        The request is published (confirmed, mandatory, transient) with ``reply_to``
+        set to ``amq.rabbitmq.reply-to`` and a ``correlation_id`` (a new uuid unless
+        given); a strictconsume handler of ``routing_key`` replies with its return
+        value. Replies are not persisted; a reply that comes after ``timeout`` is
+        dropped by the broker.
+
+        Returns:
+            The reply, as a :class:`Message` (``body``, ``json()``, ``content_type``).
+
+        Raises:
+            TimeoutError: no reply within ``timeout`` seconds.
+            MessageReturned: no queue took the request.
+        """
+        from ._reply import request
+
+        if not timeout > 0:
+            raise ValueError(f"timeout must be > 0, not {timeout!r}")
+        properties = build_properties(
+            headers=headers,
+            message_id=message_id,
+            content_type=content_type,
+            persistent=False,
+            correlation_id=correlation_id or uuid.uuid4().hex,
+        )
+        source = self._source
+        if not isinstance(source, PublishChannel):
+            source = await source.wait(purpose=USER)
+        ch = await source.channel()
+        return await request(
+            ch.connection,
+            _body(body),
+            routing_key=routing_key,
+            exchange=exchange,
+            properties=properties,
+            timeout=timeout,
+        )
 
 
 class PublishChannelSlot:
