@@ -33,8 +33,6 @@ from ._versions import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable
-
     from ._http import ASGIApp, HttpServer
     from ._retry import Retry
     from .amqp import Connection
@@ -45,7 +43,7 @@ logger = logging.getLogger("strictconsume")
 
 _NOT_WARNED = object()
 
-H = TypeVar("H", bound="Callable[..., Awaitable[Any]]")
+H = TypeVar("H", bound="Callable[..., Any]")
 
 
 class App:
@@ -153,7 +151,7 @@ class App:
 
         return register
 
-    def add_consumer(self, handler: Callable[..., Awaitable[Any]] | ConsumerSpec) -> None:
+    def add_consumer(self, handler: Callable[..., Any] | ConsumerSpec) -> None:
         """Add a function decorated with :func:`strictconsume.consumer` (or a spec)."""
         spec: object = handler
         if not isinstance(spec, ConsumerSpec):
