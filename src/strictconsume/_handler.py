@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import inspect
 import logging
+import types
+import typing
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -79,7 +81,13 @@ def handler_is_blocking(handler: Any, *, queue: str) -> bool:
 
 
 def _is_message(annotation: Any) -> bool:
-    return isinstance(annotation, type) and issubclass(annotation, Message)
+    """``Message`` (or a subclass), also as ``Message | None``."""
+    if isinstance(annotation, type):
+        return issubclass(annotation, Message)
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        members = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
+        return len(members) == 1 and _is_message(members[0])
+    return False
 
 
 #: How a handler's arguments are made from a message.
@@ -107,11 +115,21 @@ def _arguments(spec: ConsumerSpec) -> tuple[Arguments | None, BodyDecoder | None
         and (p.default is p.empty or _is_message(p.annotation))
     ]
     if not required:
+        if any(p.kind is p.VAR_POSITIONAL for p in signature.parameters.values()):
+            return None, None  # a wrapper taking *args: the message
         raise TypeError(
             f"{where} takes no parameter: it must take the message (msg: sc.Message), "
             "its body (order: Order), or both"
         )
+    first = next(iter(signature.parameters.values()))
+    # the one parameter that handler(msg) fills
+    first_positional = first if first.kind is not first.KEYWORD_ONLY else None
     if len(required) == 1 and required[0].annotation is inspect.Parameter.empty:
+        if required[0] is not first_positional:
+            raise TypeError(
+                f"{where}: parameter {required[0].name!r} has no annotation; annotate the "
+                "message as sc.Message"
+            )
         return None, None  # async def h(msg): the message
     makers: list[tuple[inspect.Parameter, Callable[[Message], Any]]] = []
     decoder: BodyDecoder | None = None
@@ -134,10 +152,27 @@ def _arguments(spec: ConsumerSpec) -> tuple[Arguments | None, BodyDecoder | None
         decoder_param = param.name
         decoder = body_decoder(param.annotation, where=f"{where}, parameter {param.name!r}")
         makers.append((param, decoder))
-    if len(makers) == 1 and makers[0][1] is _the_message:
+    if len(makers) == 1 and makers[0][1] is _the_message and required[0] is first_positional:
         return None, None
-    positional = [make for param, make in makers if param.kind is not param.KEYWORD_ONLY]
-    keyword = [(param.name, make) for param, make in makers if param.kind is param.KEYWORD_ONLY]
+    # Positionally while no parameter before was left to its default, else by name.
+    bound = {param.name: make for param, make in makers}
+    positional: list[Callable[[Message], Any]] = []
+    keyword: list[tuple[str, Callable[[Message], Any]]] = []
+    in_order = True
+    for param in signature.parameters.values():
+        make = bound.get(param.name)
+        is_positional = param.kind in (param.POSITIONAL_ONLY, param.POSITIONAL_OR_KEYWORD)
+        if make is None:
+            in_order = in_order and not is_positional
+        elif in_order and is_positional:
+            positional.append(make)
+        elif param.kind is param.POSITIONAL_ONLY:
+            raise TypeError(
+                f"{where}: positional-only parameter {param.name!r} comes after one left "
+                "to its default; reorder the parameters"
+            )
+        else:
+            keyword.append((param.name, make))
 
     def arguments(msg: Message) -> tuple[tuple[Any, ...], dict[str, Any]]:
         return (
@@ -204,6 +239,14 @@ def _blocking_call(spec: ConsumerSpec, arguments: Arguments | None, threads: _Th
                 if thread.abandoned:
                     _late(name, queue, msg, f"raised {type(exc).__name__}: {exc}")
                 raise
+            if inspect.isawaitable(result):
+                if inspect.iscoroutine(result):
+                    result.close()  # never run: no "never awaited" warning
+                raise TypeError(
+                    f"the handler {name} of queue {queue!r} is a plain def that returned "
+                    f"an awaitable ({type(result).__name__}); declare it 'async def' so "
+                    "that it runs in the event loop"
+                )
             if thread.abandoned:
                 _late(name, queue, msg, "returned")
             return result

@@ -236,9 +236,8 @@ def body_decoder(tp: Any, *, where: str) -> BodyDecoder:
         return BodyDecoder(tp, "str", lambda msg: msg.text())
     if tp is Any or tp is object:
         return BodyDecoder(tp, "json", _any_decoder(tp))
-    pydantic = sys.modules.get("pydantic") if _is_pydantic_model(tp) else _loaded("pydantic")
     if _is_pydantic_model(tp):
-        return BodyDecoder(tp, "pydantic", _pydantic_decoder(tp, pydantic))
+        return BodyDecoder(tp, "pydantic", _pydantic_decoder(tp, sys.modules["pydantic"]))
     problems: list[str] = []
     msgspec = _loaded("msgspec")
     if msgspec is not None:
@@ -246,6 +245,7 @@ def body_decoder(tp: Any, *, where: str) -> BodyDecoder:
             return BodyDecoder(tp, "msgspec", _msgspec_decoder(tp, msgspec))
         except TypeError as exc:
             problems.append(f"msgspec: {exc}")
+    pydantic = _loaded("pydantic")  # imported only when msgspec cannot do it
     if pydantic is not None:
         try:
             return BodyDecoder(tp, "pydantic", _pydantic_decoder(tp, pydantic))

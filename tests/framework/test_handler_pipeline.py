@@ -279,6 +279,34 @@ async def test_an_unannotated_parameter_and_defaults_keep_the_message() -> None:
     assert seen[1] == 3
 
 
+async def test_parameters_after_one_left_to_its_default_are_passed_by_name() -> None:
+    seen: list[object] = []
+
+    async def handler(flag: bool = False, msg: sc.Message | None = None, *, point: Point) -> None:
+        seen.extend([flag, msg, point])
+
+    async def wrapper(*args: Any, **kwargs: Any) -> None:
+        seen.append(args)
+
+    await run_handler(handler, json={"x": 1, "y": 2}, message_id="k")
+    assert seen[0] is False
+    assert isinstance(seen[1], sc.Message)
+    assert seen[2] == Point(1, 2)
+    await run_handler(wrapper, b"w")
+    (args,) = seen[3:]
+    assert isinstance(args, tuple)
+    assert [type(arg) for arg in args] == [sc.Message]
+
+
+async def test_a_def_handler_that_returns_an_awaitable_fails_saying_so() -> None:
+    result = await run_handler(lambda msg: _noop(msg), b"x")
+    assert result.outcome == "retry"
+    assert result.reason is not None
+    assert "is a plain def that returned an awaitable (coroutine); declare it 'async def'" in (
+        result.reason
+    )
+
+
 async def test_a_bad_type_is_a_startup_error_before_any_connection() -> None:
     app = sc.App(url="amqp://guest:guest@127.0.0.1:9/")  # nothing listens there
 
