@@ -24,7 +24,9 @@ neighbour on the shared machine hurts every variant alike):
    nanoseconds of CPU time per call and the ratio to ``plain``.
 2. **Through the App and the broker** (unless ``--no-broker``): an App drains a queue
    of M persistent messages at prefetch 100, on trio and on asyncio; messages per
-   second from subscribing to the last handler, and the ratio to ``plain``.
+   second from subscribing to the last handler, and the process's CPU time per
+   message (which a busy neighbour disturbs less than the wall clock), each with its
+   ratio to ``plain``.
 
 The broker is STRICTCONSUME_URL / AMQP_URL, or the private node of scripts/dev-broker.
 Writes ``benchmarks/results/handler_pipeline.json``.
@@ -218,8 +220,9 @@ def delete(url: str, queue: str) -> None:
     conn.close()
 
 
-def app_rate(url: str, queue: str, variant: str, n: int, backend: str) -> float:
-    """Messages per second an App drains ``queue`` (holding ``n``) with ``variant``."""
+def app_rate(url: str, queue: str, variant: str, n: int, backend: str) -> tuple[float, float]:
+    """Messages per second an App drains ``queue`` (holding ``n``) with ``variant``,
+    and the process's CPU microseconds per message meanwhile."""
     handler, middleware = VARIANTS[variant]
     app = sc.App(url, prefetch=100)
     count = 0
@@ -239,13 +242,13 @@ def app_rate(url: str, queue: str, variant: str, n: int, backend: str) -> float:
         sc.ConsumerSpec(queue, handler, timeout=30.0, middleware=(*middleware, counted))
     )
 
-    async def main() -> float:
+    async def main() -> tuple[float, float]:
         nonlocal done
         done = anyio.Event()
         async with app.running():
-            started = time.perf_counter()
+            started, cpu = time.perf_counter(), time.process_time()
             await done.wait()
-            return n / (time.perf_counter() - started)
+            return n / (time.perf_counter() - started), (time.process_time() - cpu) / n * 1e6
 
     rate = anyio.run(main, backend=backend)
     if app.outcomes[queue, "ack"] != n:
@@ -270,11 +273,12 @@ def ratios(figures: dict[str, list[float]], *, lower_is_better: bool) -> dict[st
     }
 
 
-def show(title: str, result: dict[str, Any]) -> None:
-    print(f"   {title} (median [min-max]); cost as a ratio to plain")
+def show(title: str, result: dict[str, Any], *, decimals: int = 0) -> None:
+    print(f"   {title} (median [min-max]); cost as a ratio to plain", flush=True)
+    d = decimals
     for variant, row in result.items():
         print(
-            f"     {variant:<20} {row['median']:>9.0f} [{row['min']:.0f}-{row['max']:.0f}]"
+            f"     {variant:<20} {row['median']:>9.{d}f} [{row['min']:.{d}f}-{row['max']:.{d}f}]"
             f"  x{row['ratio_to_plain']:.2f}"
         )
 
@@ -310,12 +314,17 @@ def main() -> None:
                 fill(url, queue, 500)  # a warm-up drain, not measured
                 app_rate(url, queue, "plain", 500, backend)
                 rates: dict[str, list[float]] = {variant: [] for variant in BROKER_VARIANTS}
+                cpu: dict[str, list[float]] = {variant: [] for variant in BROKER_VARIANTS}
                 for _ in range(args.repeat):
                     for variant in BROKER_VARIANTS:
                         fill(url, queue, args.messages)
-                        rates[variant].append(app_rate(url, queue, variant, args.messages, backend))
+                        rate, us = app_rate(url, queue, variant, args.messages, backend)
+                        rates[variant].append(rate)
+                        cpu[variant].append(us)
                 doc[f"app_rate_{backend}"] = result = ratios(rates, lower_is_better=False)
                 show(f"{backend}: messages per second", result)
+                doc[f"app_cpu_us_{backend}"] = result = ratios(cpu, lower_is_better=True)
+                show(f"{backend}: CPU us per message", result, decimals=1)
         finally:
             delete(url, queue)
 
