@@ -7,11 +7,13 @@ holds and for a request published by another client.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import json
 import threading
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -29,6 +31,7 @@ from .polling import DEADLINE, wait_for_count, wait_until
 pytestmark = [pytest.mark.broker, pytest.mark.anyio]
 
 GRACE = 1.0
+RPC_EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "rpc.py"
 
 
 class Order(pydantic.BaseModel):
@@ -252,3 +255,46 @@ async def test_a_request_without_a_reply_times_out_and_one_to_no_queue_is_return
         with pytest.raises(MessageReturned):
             await pub.request(b"?", routing_key=f"{queue}-missing", timeout=DEADLINE)
     assert await oracle.message_count(queue) == 1  # the request itself was delivered
+
+
+async def test_a_blocking_handler_past_the_grace_period_has_its_message_requeued(
+    broker_url: str, oracle: Oracle, queues: list[str]
+) -> None:
+    """The thread cannot be stopped: the App stops at the end of the grace period
+    anyway, the message goes back to the queue, and the thread's end is ignored."""
+    queue = new_queue(queues)
+    app = sc.App(url=broker_url, grace_period=0.3)
+    started = threading.Event()
+    release = threading.Event()
+
+    @app.consumer(queue, timeout=30.0)
+    def stuck(msg: sc.Message) -> None:
+        started.set()
+        release.wait(DEADLINE)
+
+    try:
+        async with app.running():
+            await oracle.publish(queue, b"stuck")
+            assert await anyio.to_thread.run_sync(started.wait, DEADLINE)
+        assert app.outcomes[queue, "cancelled"] == 1
+        assert not release.is_set()  # the App did not wait for the thread
+        await wait_for_count(oracle, queue, 1)  # requeued
+    finally:
+        release.set()
+
+
+async def test_the_rpc_example_answers_a_quote(
+    broker_url: str, oracle: Oracle, queues: list[str]
+) -> None:
+    # loaded from its file, afresh for each backend (an App belongs to one event loop)
+    spec = importlib.util.spec_from_file_location(f"rpc_example_{uuid.uuid4().hex}", RPC_EXAMPLE)
+    assert spec is not None
+    assert spec.loader is not None
+    rpc: Any = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rpc)
+    queues.append("quotes")  # the example's queue, deleted afterwards
+    rpc.app.configure(urls=broker_url)
+    async with rpc.app.running():
+        quote = await rpc.ask(12, 2.5)
+    assert quote == rpc.Quote(total=27.0, discount=0.1)
+    assert rpc.app.outcomes["quotes", "ack"] >= 1
