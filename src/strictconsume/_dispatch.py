@@ -53,11 +53,11 @@ from .amqp import (
     ChannelClosed,
     ConnectionLost,
     ConsumerCancelled,
+    Headers,
     MessageReturned,
     Properties,
+    asyncio_cancel_requested,
 )
-from .amqp._codec import Headers
-from .amqp._connection import asyncio_cancel_requested
 
 if TYPE_CHECKING:
     import random as random_module

@@ -39,8 +39,7 @@ from ._dispatch import call_handler, copy_headers, dead_letter_headers, retry_he
 from ._message import ATTEMPT_HEADER, DELIVERY_COUNT_HEADER, Message
 from ._outcome import OutcomeKind, decide, error_type, sole_exception
 from ._retry import Retry, dead_letter_queue_name, retry_queue_name
-from .amqp import Delivery, Properties
-from .amqp._codec import decode_properties, encode_properties
+from .amqp import Delivery, Properties, decode_properties, encode_properties
 
 if TYPE_CHECKING:
     from pamqp.common import FieldTable
