@@ -41,6 +41,7 @@ from ._errors import (
     LocalProtocolError,
     ReplyTimeout,
 )
+from ._link import ConnectionLink
 from ._protocol import (
     ChannelCloseCompleted,
     ChannelClosedByBroker,
@@ -132,6 +133,15 @@ class Connection:
         # without failing the connection): no reply can come, so closing waits for none.
         self._io_stopped = False
         self.server_properties: dict[str, object] = {}
+        # What each channel may use of this connection.
+        self._link = ConnectionLink(
+            core=self._core,
+            url=params.url,
+            error=lambda: self._error,
+            check_open=self._check_open,
+            wake_writer=self._wake_writer,
+            wait_writable=self._wait_writable,
+        )
 
     def __repr__(self) -> str:
         state = "failed" if self._error is not None else self._core.state.name.lower()
@@ -198,7 +208,7 @@ class Connection:
         """
         self._check_open()
         channel_id = self._core.open_channel()
-        ch = Channel(self, channel_id)
+        ch = Channel(self._link, channel_id)
         self._channels[channel_id] = ch
         waiter = ch._expect_open()
         self._wake_writer()
