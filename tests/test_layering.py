@@ -133,3 +133,52 @@ def test_the_framework_uses_only_the_clients_public_names() -> None:
             if m.startswith("strictconsume.amqp._") and not m.endswith("__")  # __version__
         }
         assert not private, f"{path.name} imports {sorted(private)}"
+
+
+def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The groups of modules that import each other, directly or not (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    cycles: list[list[str]] = []
+
+    def visit(module: str) -> None:
+        index[module] = low[module] = len(index)
+        stack.append(module)
+        for other in sorted(graph[module]):
+            if other not in index:
+                visit(other)
+                low[module] = min(low[module], low[other])
+            elif other in stack:
+                low[module] = min(low[module], index[other])
+        if low[module] == index[module]:
+            group = [stack.pop()]
+            while group[-1] != module:
+                group.append(stack.pop())
+            if len(group) > 1:
+                cycles.append(sorted(group))
+
+    for module in sorted(graph):
+        if module not in index:
+            visit(module)
+    return cycles
+
+
+def test_the_cycle_finder_finds_a_cycle() -> None:
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
+    assert import_cycles(graph) == [["a", "b", "c"]]
+    assert import_cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_no_module_imports_itself_through_others() -> None:
+    """Not even under TYPE_CHECKING or inside a function: each module can be read
+    knowing only what it imports (the package __init__ files, which only gather
+    names, are left out)."""
+    modules = {module_name(path): path for path in sources(PACKAGE)}
+    graph = {
+        name: {m for m in imports(path) if m in modules and m != name}
+        - {"strictconsume", "strictconsume.amqp"}
+        for name, path in modules.items()
+        if path.name != "__init__.py"
+    }
+    assert import_cycles(graph) == []

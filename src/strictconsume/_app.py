@@ -32,7 +32,8 @@ from ._versions import (
 if TYPE_CHECKING:
     from collections.abc import Awaitable
 
-    from ._http import ASGIApp, HttpServer
+    from ._asgi import ASGIApp
+    from ._http import HttpServer
     from ._retry import Retry
     from .amqp import Connection
 
@@ -426,7 +427,7 @@ class App:
 
             api.mount("/consumers", app.asgi())   # Starlette or FastAPI
         """
-        from ._http import asgi_app
+        from ._asgi import asgi_app
 
         return asgi_app(self, self.metrics)
 
