@@ -182,3 +182,10 @@ def test_no_module_imports_itself_through_others() -> None:
         if path.name != "__init__.py"
     }
     assert import_cycles(graph) == []
+
+
+def test_the_testing_helpers_do_not_import_the_dispatcher() -> None:
+    """``strictconsume.testing`` shares the handler call and the copies' headers with
+    the dispatcher through their own modules, not through the channel loop."""
+    assert "strictconsume._dispatch" not in imports(PACKAGE / "testing.py")
+    assert {"strictconsume._handler", "strictconsume._copies"} <= imports(PACKAGE / "testing.py")

@@ -15,11 +15,11 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 import anyio
 
 from ._consumer import SPEC_ATTRIBUTE, Binding, ConsumerSpec, QueueType, consumer
-from ._dispatch import Shutdown
 from ._metrics import Metrics
 from ._outcome import OutcomeKind, sole_exception
 from ._publisher import PublishChannelSlot, Publisher, own_connection_publisher
 from ._settings import Settings, resolve_settings
+from ._shutdown import Shutdown
 from ._supervisor import StartupError, Supervisor
 from ._versions import (
     consumer_timeout_argument,

@@ -35,7 +35,8 @@ import anyio
 import attrs
 
 from ._consumer import SPEC_ATTRIBUTE, ConsumerSpec
-from ._dispatch import call_handler, copy_headers, dead_letter_headers, retry_headers
+from ._copies import copy_headers, dead_letter_headers, retry_headers
+from ._handler import call_handler
 from ._message import ATTEMPT_HEADER, DELIVERY_COUNT_HEADER, Message
 from ._outcome import OutcomeKind, decide, error_type, sole_exception
 from ._retry import Retry, dead_letter_queue_name, retry_queue_name
