@@ -16,6 +16,7 @@ AMQP_NAMES = {
     "Consumer",
     "ConsumerCancelled",
     "Delivery",
+    "Flag",
     "GetResult",
     "Headers",
     "LocalProtocolError",

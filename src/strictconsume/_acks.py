@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING
 import anyio
 import attrs
 
-from .amqp import AMQPError
+from .amqp import AMQPError, Flag
 
 if TYPE_CHECKING:
     from .amqp import Channel
@@ -151,18 +151,17 @@ class ChannelAcks:
         self.ch = ch
         self.tracker = AckTracker()
         self.ack_batch = ack_batch(prefetch)
-        self.ack_wanted = anyio.Event()
-        self.batch_full = anyio.Event()
+        self.ack_wanted = Flag()
+        self.batch_full = Flag()
 
     async def acker(self) -> None:
         """Flush once the handlers that finished in a scheduler round have all run: at
         once for a batch of :attr:`ack_batch` or more, else up to :data:`ACK_DELAY`
         later, unless a batch fills meanwhile (design section 4)."""
         while True:
-            await self.ack_wanted.wait()
-            self.ack_wanted = anyio.Event()
+            await self.ack_wanted.take()
             if self.tracker.pending < self.ack_batch:
-                self.batch_full = anyio.Event()
+                self.batch_full.clear()
                 with anyio.move_on_after(ACK_DELAY):
                     await self.batch_full.wait()
             await self.flush()

@@ -47,7 +47,7 @@ from ._settle import SETTLE_FAILURE_PAUSE, Settlement
 from ._shutdown import Shutdown
 from ._topology import TopologyError, declare_consumer
 from ._versions import Version, consumer_timeout_argument, consumer_timeout_cancels
-from .amqp import AMQPError, ChannelClosed, ConsumerCancelled
+from .amqp import AMQPError, ChannelClosed, ConsumerCancelled, Flag
 
 if TYPE_CHECKING:
     import random as random_module
@@ -105,8 +105,7 @@ class _ChannelState:
         #: The channel's ack tracker (the acks' own).
         self.tracker = self.acks.tracker
         self.inflight = 0
-        self.idle = anyio.Event()
-        self.idle.set()
+        self.idle = Flag(set=True)
         #: Set when the handlers are being cancelled (grace over, channel lost): a
         #: handler that swallows the cancellation and returns is requeued, not acked.
         self.cancelling = False
@@ -117,7 +116,7 @@ class _ChannelState:
 
     def started(self) -> None:
         if self.inflight == 0:
-            self.idle = anyio.Event()
+            self.idle.clear()
         self.inflight += 1
 
     def ended(self) -> None:

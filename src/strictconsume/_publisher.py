@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import anyio
 import anyio.abc
 
-from .amqp import AMQPError, ChannelClosed, ConnectionLost, Properties, connect
+from .amqp import AMQPError, ChannelClosed, ConnectionLost, Flag, Properties, connect
 
 if TYPE_CHECKING:
     from pamqp.common import FieldTable
@@ -86,8 +86,8 @@ class PublishChannel:
 
     def __init__(self) -> None:
         self._channel: Channel | None = None
-        self._changed = anyio.Event()  # set (and replaced) whenever _channel changes
-        self._broken = anyio.Event()
+        self._changed = Flag()  # pulsed whenever _channel changes
+        self._broken = Flag()
         self._finished = False
 
     async def run(
@@ -100,9 +100,10 @@ class PublishChannel:
         started = False
         try:
             while True:
-                # A fresh event per channel, made before the channel is published:
-                # whoever saw an earlier channel fail can only break that one.
-                broken = self._broken = anyio.Event()
+                # Cleared per channel before the channel is published: whoever saw an
+                # earlier channel fail can only break that one.
+                broken = self._broken
+                broken.clear()
                 async with conn.channel(confirms=True) as ch:
                     self._set(ch)
                     if not started:
@@ -116,8 +117,7 @@ class PublishChannel:
 
     def _set(self, ch: Channel | None) -> None:
         self._channel = ch
-        changed, self._changed = self._changed, anyio.Event()
-        changed.set()
+        self._changed.pulse()
 
     async def channel(self) -> Channel:
         """The open publishing channel (waits while it is being reopened).
@@ -131,10 +131,10 @@ class PublishChannel:
             ch = self._channel
             if ch is not None and ch.is_open:
                 return ch
-            changed = self._changed
+            changed = self._changed.watch()
             if ch is not None:
                 self._channel_failed(ch)
-            await changed.wait()
+            await changed()
 
     def _channel_failed(self, ch: Channel) -> None:
         if self._channel is ch:
@@ -261,14 +261,13 @@ class PublishChannelSlot:
 
     def __init__(self) -> None:
         self._current: Mapping[Purpose, PublishChannel] | None = None
-        self._changed = anyio.Event()
-        self._wanted = anyio.Event()
+        self._changed = Flag()
+        self._wanted = Flag()
         self._stopped = True
 
     def set(self, channels: Mapping[Purpose, PublishChannel] | None) -> None:
         self._current = channels
-        changed, self._changed = self._changed, anyio.Event()
-        changed.set()
+        self._changed.pulse()
 
     def start(self) -> None:
         self._stopped = False
@@ -279,8 +278,7 @@ class PublishChannelSlot:
 
     async def wait_wanted(self) -> None:
         """Return once someone waits for a publishing channel."""
-        await self._wanted.wait()
-        self._wanted = anyio.Event()
+        await self._wanted.take()
 
     async def wait(
         self, stale: PublishChannel | None = None, *, purpose: Purpose = USER
@@ -300,9 +298,9 @@ class PublishChannelSlot:
             current = self._current[purpose] if self._current is not None else None
             if current is not None and current is not stale:
                 return current
-            changed = self._changed
+            changed = self._changed.watch()
             self._wanted.set()
-            await changed.wait()
+            await changed()
 
     async def publish(
         self,

@@ -40,6 +40,7 @@ from ._url import ConnectionParameters as ConnectionParameters
 from ._url import parse_url as parse_url
 from ._url import redact_url as redact_url
 from ._version import __version__ as __version__
+from ._waiter import Flag as Flag
 
 #: Message properties (content_type, headers, message_id, delivery_mode, ...): pamqp's
 #: ``Basic.Properties``, so that no per-message conversion is needed.
