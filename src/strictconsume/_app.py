@@ -9,12 +9,12 @@ import random as random_module
 import signal
 import threading
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, Unpack
 
 import anyio
 
-from ._consumer import SPEC_ATTRIBUTE, Binding, ConsumerSpec, QueueType, consumer
+from ._consumer import SPEC_ATTRIBUTE, ConsumerOptions, ConsumerSpec, check_options, consumer
 from ._metrics import Metrics
 from ._outcome import OutcomeKind, sole_exception
 from ._publisher import PublishChannelSlot, Publisher, own_connection_publisher
@@ -34,7 +34,6 @@ if TYPE_CHECKING:
 
     from ._asgi import ASGIApp
     from ._http import HttpServer
-    from ._retry import Retry
     from .amqp import Connection
 
 __all__ = ["App"]
@@ -107,35 +106,10 @@ class App:
 
     # -- consumers ----------------------------------------------------------------------
 
-    def consumer(
-        self,
-        queue: str,
-        *,
-        prefetch: int | None = None,
-        timeout: float | None = None,
-        retry: Retry | None = None,
-        bindings: Iterable[Binding] = (),
-        queue_type: QueueType = "classic",
-        durable: bool = True,
-        concurrency: int | None = None,
-        arguments: Mapping[str, Any] | None = None,
-        delivery_limit: int | None = None,
-        consumer_timeout: float | None = None,
-    ) -> Callable[[H], H]:
+    def consumer(self, queue: str, **options: Unpack[ConsumerOptions]) -> Callable[[H], H]:
         """Register an ``async def`` handler for ``queue`` (options as :func:`consumer`)."""
-        decorate = consumer(
-            queue,
-            prefetch=prefetch,
-            timeout=timeout,
-            retry=retry,
-            bindings=bindings,
-            queue_type=queue_type,
-            durable=durable,
-            concurrency=concurrency,
-            arguments=arguments,
-            delivery_limit=delivery_limit,
-            consumer_timeout=consumer_timeout,
-        )
+        check_options(options, "App.consumer")
+        decorate = consumer(queue, **options)
 
         def register(handler: H) -> H:
             self.add_consumer(decorate(handler))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypedDict, TypeVar, Unpack
 
 import attrs
 
@@ -15,7 +15,15 @@ if TYPE_CHECKING:
 
     from ._message import Message
 
-__all__ = ["SPEC_ATTRIBUTE", "Binding", "ConsumerSpec", "Handler", "consumer"]
+__all__ = [
+    "SPEC_ATTRIBUTE",
+    "Binding",
+    "ConsumerOptions",
+    "ConsumerSpec",
+    "Handler",
+    "check_options",
+    "consumer",
+]
 
 Handler = Callable[["Message"], Awaitable[None]]
 H = TypeVar("H", bound=Callable[..., Awaitable[Any]])
@@ -181,20 +189,33 @@ class ConsumerSpec:
         return f"{getattr(handler, '__module__', '?')}.{getattr(handler, '__qualname__', '?')}"
 
 
-def consumer(
-    queue: str,
-    *,
-    prefetch: int | None = None,
-    timeout: float | None = None,
-    retry: Retry | None = None,
-    bindings: Iterable[Binding] = (),
-    queue_type: QueueType = "classic",
-    durable: bool = True,
-    concurrency: int | None = None,
-    arguments: Mapping[str, Any] | None = None,
-    delivery_limit: int | None = None,
-    consumer_timeout: float | None = None,
-) -> Callable[[H], H]:
+class ConsumerOptions(TypedDict, total=False):
+    """The options of a consumer, as keyword arguments: written once here for
+    :func:`consumer` and :meth:`App.consumer`, each one a field of
+    :class:`ConsumerSpec` of the same name and type (a test checks that). An option
+    left out takes the spec's default."""
+
+    prefetch: int | None
+    timeout: float | None
+    retry: Retry | None
+    bindings: Iterable[Binding]
+    queue_type: QueueType
+    durable: bool
+    concurrency: int | None
+    arguments: Mapping[str, Any] | None
+    delivery_limit: int | None
+    consumer_timeout: float | None
+
+
+def check_options(options: Mapping[str, object], caller: str) -> None:
+    """Refuse an option :class:`ConsumerOptions` does not name, as Python refuses an
+    unknown keyword argument (at the call, not later at decoration)."""
+    for name in options:
+        if name not in ConsumerOptions.__annotations__:
+            raise TypeError(f"{caller}() got an unexpected keyword argument {name!r}")
+
+
+def consumer(queue: str, **options: Unpack[ConsumerOptions]) -> Callable[[H], H]:
     """Declare an ``async def`` function as the handler of ``queue``.
 
     ``python -m strictconsume module`` collects every function of the module decorated
@@ -224,21 +245,10 @@ def consumer(
             classic queues, and refuses the argument there).
     """
 
+    check_options(options, "consumer")
+
     def decorate(handler: H) -> H:
-        spec = ConsumerSpec(
-            queue=queue,
-            handler=handler,
-            prefetch=prefetch,
-            timeout=timeout,
-            retry=retry,
-            bindings=bindings,
-            queue_type=queue_type,
-            durable=durable,
-            concurrency=concurrency,
-            arguments=arguments,
-            delivery_limit=delivery_limit,
-            consumer_timeout=consumer_timeout,
-        )
+        spec = ConsumerSpec(queue=queue, handler=handler, **options)
         setattr(handler, SPEC_ATTRIBUTE, spec)
         return handler
 
