@@ -52,8 +52,8 @@ import pydantic
 
 import strictconsume as sc
 from strictconsume._dispatch import call_handler
-from strictconsume._handler import build_pipeline
 from strictconsume._native import Native
+from strictconsume._pipeline import build_pipeline
 from strictconsume.amqp import Delivery, Properties
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # _broker, client_throughput

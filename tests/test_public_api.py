@@ -16,6 +16,7 @@ AMQP_NAMES = {
     "Consumer",
     "ConsumerCancelled",
     "Delivery",
+    "Flag",
     "GetResult",
     "Headers",
     "LocalProtocolError",
@@ -26,6 +27,9 @@ AMQP_NAMES = {
     "RemoteProtocolError",
     "ReplyTimeout",
     "Timestamp",
+    "asyncio_cancel_requested",
+    "decode_properties",
+    "encode_properties",
     "UnsupportedSetting",
     "connect",
     "connect_stream",
@@ -56,8 +60,9 @@ FRAMEWORK_NAMES = {
 
 
 def _public(module: object) -> set[str]:
-    # `annotations` is the `from __future__ import annotations` feature object.
-    return {name for name in vars(module) if not name.startswith("_")} - {"annotations"}
+    # `annotations` is the `from __future__ import annotations` feature object. dir(),
+    # not vars(): strictconsume's framework names load on first use.
+    return {name for name in dir(module) if not name.startswith("_")} - {"annotations"}
 
 
 def test_amqp_public_names() -> None:

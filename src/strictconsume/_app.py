@@ -9,20 +9,20 @@ import random as random_module
 import signal
 import threading
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, Unpack
 
 import anyio
 
-from ._consumer import SPEC_ATTRIBUTE, Binding, ConsumerSpec, QueueType, consumer
-from ._dispatch import Shutdown
-from ._handler import Pipeline, build_pipeline
+from ._consumer import SPEC_ATTRIBUTE, ConsumerOptions, ConsumerSpec, check_options, consumer
 from ._metrics import Metrics
 from ._middleware import Middleware, check_middleware
 from ._outcome import OutcomeKind, sole_exception
+from ._pipeline import Pipeline, build_pipeline
 from ._publisher import PublishChannelSlot, Publisher, own_connection_publisher
 from ._reply import publishing_replier
 from ._settings import Settings, resolve_settings
+from ._shutdown import Shutdown
 from ._supervisor import StartupError, Supervisor
 from ._versions import (
     consumer_timeout_argument,
@@ -33,8 +33,8 @@ from ._versions import (
 )
 
 if TYPE_CHECKING:
-    from ._http import ASGIApp, HttpServer
-    from ._retry import Retry
+    from ._asgi import ASGIApp
+    from ._http import HttpServer
     from .amqp import Connection
 
 __all__ = ["App"]
@@ -113,37 +113,11 @@ class App:
 
     # -- consumers ----------------------------------------------------------------------
 
-    def consumer(
-        self,
-        queue: str,
-        *,
-        prefetch: int | None = None,
-        timeout: float | None = None,
-        retry: Retry | None = None,
-        bindings: Iterable[Binding] = (),
-        queue_type: QueueType = "classic",
-        durable: bool = True,
-        concurrency: int | None = None,
-        arguments: Mapping[str, Any] | None = None,
-        delivery_limit: int | None = None,
-        consumer_timeout: float | None = None,
-        middleware: Iterable[Middleware] = (),
-    ) -> Callable[[H], H]:
-        """Register a handler for ``queue`` (options as :func:`consumer`)."""
-        decorate = consumer(
-            queue,
-            prefetch=prefetch,
-            timeout=timeout,
-            retry=retry,
-            bindings=bindings,
-            queue_type=queue_type,
-            durable=durable,
-            concurrency=concurrency,
-            arguments=arguments,
-            delivery_limit=delivery_limit,
-            consumer_timeout=consumer_timeout,
-            middleware=middleware,
-        )
+    def consumer(self, queue: str, **options: Unpack[ConsumerOptions]) -> Callable[[H], H]:
+        """Register a handler, ``async def`` or ``def``, for ``queue`` (options as
+        :func:`consumer`)."""
+        check_options(options, "App.consumer")
+        decorate = consumer(queue, **options)
 
         def register(handler: H) -> H:
             self.add_consumer(decorate(handler))
@@ -472,7 +446,7 @@ class App:
 
             api.mount("/consumers", app.asgi())   # Starlette or FastAPI
         """
-        from ._http import asgi_app
+        from ._asgi import asgi_app
 
         return asgi_app(self, self.metrics)
 

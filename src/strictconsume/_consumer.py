@@ -3,18 +3,27 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypedDict, TypeVar, Unpack
 
 import attrs
 
-from ._handler import handler_is_blocking
 from ._middleware import Middleware, check_middleware
+from ._pipeline import handler_is_blocking
 from ._retry import Retry
 
 if TYPE_CHECKING:
     from pamqp.common import FieldTable
 
-__all__ = ["SPEC_ATTRIBUTE", "Binding", "ConsumerSpec", "Handler", "consumer"]
+
+__all__ = [
+    "SPEC_ATTRIBUTE",
+    "Binding",
+    "ConsumerOptions",
+    "ConsumerSpec",
+    "Handler",
+    "check_options",
+    "consumer",
+]
 
 #: An ``async def`` or plain ``def`` taking the message, its typed body, or both.
 Handler = Callable[..., Awaitable[Any]] | Callable[..., Any]
@@ -187,21 +196,34 @@ class ConsumerSpec:
         return f"{getattr(handler, '__module__', '?')}.{getattr(handler, '__qualname__', '?')}"
 
 
-def consumer(
-    queue: str,
-    *,
-    prefetch: int | None = None,
-    timeout: float | None = None,
-    retry: Retry | None = None,
-    bindings: Iterable[Binding] = (),
-    queue_type: QueueType = "classic",
-    durable: bool = True,
-    concurrency: int | None = None,
-    arguments: Mapping[str, Any] | None = None,
-    delivery_limit: int | None = None,
-    consumer_timeout: float | None = None,
-    middleware: Iterable[Middleware] = (),
-) -> Callable[[H], H]:
+class ConsumerOptions(TypedDict, total=False):
+    """The options of a consumer, as keyword arguments: written once here for
+    :func:`consumer` and :meth:`App.consumer`, each one a field of
+    :class:`ConsumerSpec` of the same name and type (a test checks that). An option
+    left out takes the spec's default."""
+
+    prefetch: int | None
+    timeout: float | None
+    retry: Retry | None
+    bindings: Iterable[Binding]
+    queue_type: QueueType
+    durable: bool
+    concurrency: int | None
+    arguments: Mapping[str, Any] | None
+    delivery_limit: int | None
+    consumer_timeout: float | None
+    middleware: Iterable[Middleware]
+
+
+def check_options(options: Mapping[str, object], caller: str) -> None:
+    """Refuse an option :class:`ConsumerOptions` does not name, as Python refuses an
+    unknown keyword argument (at the call, not later at decoration)."""
+    for name in options:
+        if name not in ConsumerOptions.__annotations__:
+            raise TypeError(f"{caller}() got an unexpected keyword argument {name!r}")
+
+
+def consumer(queue: str, **options: Unpack[ConsumerOptions]) -> Callable[[H], H]:
     """Declare a function as the handler of ``queue``: an ``async def``, or a plain
     ``def`` (run in a worker thread), taking the message, its typed body, or both.
 
@@ -235,22 +257,10 @@ def consumer(
             factory taking the message.
     """
 
+    check_options(options, "consumer")
+
     def decorate(handler: H) -> H:
-        spec = ConsumerSpec(
-            queue=queue,
-            handler=handler,
-            prefetch=prefetch,
-            timeout=timeout,
-            retry=retry,
-            bindings=bindings,
-            queue_type=queue_type,
-            durable=durable,
-            concurrency=concurrency,
-            arguments=arguments,
-            delivery_limit=delivery_limit,
-            consumer_timeout=consumer_timeout,
-            middleware=middleware,
-        )
+        spec = ConsumerSpec(queue=queue, handler=handler, **options)
         setattr(handler, SPEC_ATTRIBUTE, spec)
         return handler
 

@@ -39,9 +39,10 @@ import anyio
 import anyio.abc
 
 from ._backoff import DEFAULT_BACKOFF, Backoff
-from ._dispatch import DEFAULT_CONSUMER_TIMEOUT, Dispatcher, OutcomeHook, Shutdown
+from ._dispatch import DEFAULT_CONSUMER_TIMEOUT, Dispatcher, OutcomeHook
 from ._outcome import sole_exception
 from ._publisher import PublishChannelSlot
+from ._shutdown import Shutdown
 from ._topology import TopologyError, declare_consumer
 from ._versions import describe
 from .amqp import (
@@ -57,7 +58,7 @@ from .amqp import (
 
 if TYPE_CHECKING:
     from ._consumer import ConsumerSpec
-    from ._handler import Pipeline
+    from ._pipeline import Pipeline
 
 __all__ = ["StartupError", "Supervisor"]
 

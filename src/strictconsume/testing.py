@@ -35,14 +35,14 @@ import anyio
 import attrs
 
 from ._consumer import SPEC_ATTRIBUTE, ConsumerSpec
-from ._dispatch import call_handler, copy_headers, dead_letter_headers, retry_headers
-from ._handler import build_pipeline
+from ._copies import copy_headers, dead_letter_headers, retry_headers
+from ._handler import call_handler
 from ._message import ATTEMPT_HEADER, DELIVERY_COUNT_HEADER, Message
 from ._outcome import OutcomeKind, decide, error_type, sole_exception
+from ._pipeline import build_pipeline
 from ._reply import Reply
 from ._retry import Retry, dead_letter_queue_name, retry_queue_name
-from .amqp import Delivery, Properties
-from .amqp._codec import decode_properties, encode_properties
+from .amqp import Delivery, Properties, decode_properties, encode_properties
 
 if TYPE_CHECKING:
     from pamqp.common import FieldTable

@@ -25,7 +25,7 @@ import pytest
 
 import strictconsume as sc
 from strictconsume import _typed
-from strictconsume._handler import build_pipeline
+from strictconsume._pipeline import build_pipeline
 from strictconsume.testing import run_handler
 
 pytestmark = pytest.mark.anyio
