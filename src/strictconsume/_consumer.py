@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Literal, TypedDict, TypeVar, Unpack
 
 import attrs
 
 from ._middleware import Middleware, check_middleware
-from ._pipeline import handler_is_blocking
 from ._retry import Retry
 
 if TYPE_CHECKING:
@@ -37,6 +37,28 @@ EXCHANGE_TYPES = frozenset({"direct", "topic", "fanout", "headers"})
 MAX_PREFETCH = 65535  # basic.qos prefetch-count is a short
 #: The delivery limit of a quorum queue when none is given (RabbitMQ 4's default).
 DEFAULT_DELIVERY_LIMIT = 20
+
+
+def handler_is_blocking(handler: Any, *, queue: str) -> bool:
+    """Whether ``handler`` is a plain ``def`` (run in a thread) rather than an
+    ``async def``.
+
+    Raises:
+        TypeError: it is not callable, or it is an async generator.
+    """
+    if not callable(handler):
+        raise TypeError(f"the handler for queue {queue!r} must be callable, not {handler!r}")
+    if inspect.iscoroutinefunction(handler):
+        return False
+    call = type(handler).__call__
+    if not inspect.isfunction(handler) and inspect.iscoroutinefunction(call):
+        return False  # an object with an async __call__
+    if inspect.isasyncgenfunction(handler) or inspect.isasyncgenfunction(call):
+        raise TypeError(
+            f"the handler for queue {queue!r} must be an 'async def' or a plain 'def' "
+            f"function, not an async generator: {handler!r}"
+        )
+    return True
 
 
 def _queue_name(instance: object, attribute: attrs.Attribute[str], value: str) -> None:

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import anyio.to_thread
 
+from ._consumer import handler_is_blocking
 from ._message import Message
 from ._middleware import CallNext, Middleware, compose
 from ._reply import Replier, make_reply
@@ -47,7 +48,7 @@ from ._typed import BodyDecoder, body_decoder
 if TYPE_CHECKING:
     from ._consumer import ConsumerSpec
 
-__all__ = ["Pipeline", "build_pipeline", "handler_is_blocking"]
+__all__ = ["Pipeline", "build_pipeline"]
 
 logger = logging.getLogger("strictconsume")
 
@@ -56,28 +57,6 @@ def _name(handler: object) -> str:
     inner = getattr(handler, "func", handler)  # functools.partial
     module = getattr(inner, "__module__", "?")
     return f"{module}.{getattr(inner, '__qualname__', type(inner).__qualname__)}"
-
-
-def handler_is_blocking(handler: Any, *, queue: str) -> bool:
-    """Whether ``handler`` is a plain ``def`` (run in a thread) rather than an
-    ``async def``.
-
-    Raises:
-        TypeError: it is not callable, or it is an async generator.
-    """
-    if not callable(handler):
-        raise TypeError(f"the handler for queue {queue!r} must be callable, not {handler!r}")
-    if inspect.iscoroutinefunction(handler):
-        return False
-    call = type(handler).__call__
-    if not inspect.isfunction(handler) and inspect.iscoroutinefunction(call):
-        return False  # an object with an async __call__
-    if inspect.isasyncgenfunction(handler) or inspect.isasyncgenfunction(call):
-        raise TypeError(
-            f"the handler for queue {queue!r} must be an 'async def' or a plain 'def' "
-            f"function, not an async generator: {handler!r}"
-        )
-    return True
 
 
 def _is_message(annotation: Any) -> bool:

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import anyio
 import anyio.abc
 
+from ._request import request
 from .amqp import AMQPError, ChannelClosed, ConnectionLost, Flag, Properties, connect
 
 if TYPE_CHECKING:
@@ -291,8 +292,6 @@ class Publisher:
             TimeoutError: no reply within ``timeout`` seconds.
             MessageReturned: no queue took the request.
         """
-        from ._reply import request
-
         if not timeout > 0:
             raise ValueError(f"timeout must be > 0, not {timeout!r}")
         properties = build_properties(

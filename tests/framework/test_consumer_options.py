@@ -16,6 +16,10 @@ async def handler(msg: sc.Message) -> None:
     pass
 
 
+async def middleware(msg: sc.Message, call_next: sc.CallNext) -> object:
+    return await call_next(msg)
+
+
 def test_the_options_are_the_specs_fields_with_the_same_types() -> None:
     fields = {f.name: f.type for f in attrs.fields(sc.ConsumerSpec)}
     options = ConsumerOptions.__annotations__
@@ -23,11 +27,14 @@ def test_the_options_are_the_specs_fields_with_the_same_types() -> None:
     for name, hint in options.items():
         text: object = hint.__forward_arg__ if isinstance(hint, typing.ForwardRef) else hint
         spec_type: object = fields[name]
-        # retry and bindings are converted: None becomes Retry(), an iterable a tuple
+        # retry, bindings and middleware are converted: None becomes Retry(), an
+        # iterable a tuple
         if name == "retry":
             assert (text, spec_type) == ("Retry | None", "Retry")
         elif name == "bindings":
             assert (text, spec_type) == ("Iterable[Binding]", "tuple[Binding, ...]")
+        elif name == "middleware":
+            assert (text, spec_type) == ("Iterable[Middleware]", "tuple[Middleware, ...]")
         else:
             assert text == spec_type, name
 
@@ -44,6 +51,7 @@ def test_both_decorators_give_the_spec_every_option() -> None:
         "arguments": {"x-max-length": 10},
         "delivery_limit": 3,
         "consumer_timeout": 60.0,
+        "middleware": [middleware],
     }
     app = sc.App()
     app.consumer("orders", **options)(handler)
@@ -51,7 +59,9 @@ def test_both_decorators_give_the_spec_every_option() -> None:
     (registered,) = app.consumers
     for spec in (registered, decorated.__strictconsume_consumer__):  # type: ignore[attr-defined]
         assert spec == sc.ConsumerSpec(queue="orders", handler=handler, **options)
-        assert spec.arguments == {"x-max-length": 10}  # not part of the spec's equality
+        # not part of the spec's equality
+        assert spec.arguments == {"x-max-length": 10}
+        assert spec.middleware == (middleware,)
     assert sc.consumer("orders")(handler).__strictconsume_consumer__ == sc.ConsumerSpec(  # type: ignore[attr-defined]
         "orders", handler
     )
