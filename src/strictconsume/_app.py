@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar, Unpack
 
 import anyio
 
+from ._config import ResolvedConsumer, SettingsLayers, render_settings
 from ._consumer import SPEC_ATTRIBUTE, ConsumerOptions, ConsumerSpec, check_options, consumer
 from ._metrics import Metrics
 from ._middleware import Middleware, check_middleware
@@ -21,7 +22,7 @@ from ._outcome import OutcomeKind, sole_exception
 from ._pipeline import Pipeline, build_pipeline
 from ._publisher import PublishChannelSlot, Publisher, own_connection_publisher
 from ._reply import publishing_replier
-from ._settings import Settings, resolve_settings
+from ._settings import Settings, SettingsError, resolve_settings
 from ._shutdown import Shutdown
 from ._supervisor import StartupError, Supervisor
 from ._versions import (
@@ -91,6 +92,12 @@ class App:
         }
         resolve_settings(self._code_settings, {})  # fail early on a bad argument
         self._overrides: dict[str, Any] = {}
+        #: The settings file, its environment and --consumer options (see _config).
+        self._layers = SettingsLayers()
+        #: While running: the enabled consumers with their settings applied, and the
+        #: queues of the disabled ones.
+        self._running_specs: tuple[ConsumerSpec, ...] | None = None
+        self._disabled: tuple[str, ...] = ()
         self._specs: list[ConsumerSpec] = []
         self._middleware: list[Middleware] = list(middleware)
         for mw in self._middleware:
@@ -169,7 +176,7 @@ class App:
                 reply=publishing_replier(self._publishing),
                 threads=spec.concurrency or spec.prefetch or prefetch,
             )
-            for spec in self._specs
+            for spec in self._active_specs
         }
 
     @property
@@ -180,17 +187,61 @@ class App:
 
     @property
     def settings(self) -> Settings:
-        """The effective settings: code < environment < command line."""
-        return resolve_settings(self._code_settings, os.environ, self._overrides)
+        """The effective settings: code < settings file < environment < command line."""
+        return self._layers.settings(self._code_settings, os.environ, self._overrides)
 
-    def configure(self, **overrides: Any) -> None:
-        """Override settings as the command line does (``None`` leaves one alone)."""
+    def resolve_consumers(self) -> list[ResolvedConsumer]:
+        """Every consumer with its settings from the file, the environment and the
+        command line applied, and where each came from.
+
+        Raises:
+            SettingsError: an unknown consumer or key, or an unusable value (named).
+        """
+        return self._layers.consumers(self._specs, os.environ)
+
+    def settings_report(self) -> str:
+        """The effective settings of the App and of each consumer, and where each
+        came from, passwords redacted (``python -m strictconsume ... --print-settings``).
+
+        Raises:
+            SettingsError: as :meth:`resolve_consumers`.
+        """
+        layers = self._layers.app_layers(self._code_settings, os.environ, self._overrides)
+        return render_settings(
+            layers, self.settings, self.resolve_consumers(), self._layers.file(os.environ)
+        )
+
+    @property
+    def _active_specs(self) -> tuple[ConsumerSpec, ...]:
+        if self._running_specs is not None:
+            return self._running_specs
+        return tuple(self._specs)
+
+    @property
+    def disabled(self) -> tuple[str, ...]:
+        """While running: the queues of the consumers disabled by their settings."""
+        return self._disabled
+
+    def configure(
+        self,
+        *,
+        config: str | None = None,
+        env: str | None = None,
+        consumer_options: Iterable[str] = (),
+        **overrides: Any,
+    ) -> None:
+        """Override settings as the command line does (``None`` leaves one alone):
+        the App's, a settings file ``config`` and its environment ``env``, and
+        consumer settings as ``"NAME.KEY=VALUE"``."""
         unknown = set(overrides) - set(self._code_settings)
         if unknown:
             raise TypeError(f"unknown settings: {', '.join(sorted(unknown))}")
         merged = {**self._overrides, **{k: v for k, v in overrides.items() if v is not None}}
         resolve_settings({}, {}, merged)
         self._overrides = merged
+        layers = self._layers
+        options = (*layers.consumer_options, *consumer_options)
+        self._layers = SettingsLayers(config or layers.config, env or layers.env, options)
 
     # -- state --------------------------------------------------------------------------
 
@@ -213,7 +264,7 @@ class App:
     def subscriptions(self) -> dict[str, bool]:
         """Whether each consumer's queue is subscribed now."""
         subscribed = self._supervisor.subscribed if self._supervisor is not None else set()
-        return {spec.queue: spec.queue in subscribed for spec in self._specs}
+        return {spec.queue: spec.queue in subscribed for spec in self._active_specs}
 
     @property
     def reconnects(self) -> int:
@@ -267,7 +318,7 @@ class App:
         self._warned_for = version
         settings = self.settings
         broker = describe(version)
-        for spec in self._specs:
+        for spec in self._active_specs:
             if not consumer_timeout_enforced(version, spec.queue_type):
                 continue  # 4.3 takes no delivery of a classic queue back
             limit = spec.broker_consumer_timeout(settings.consumer_timeout)
@@ -304,7 +355,7 @@ class App:
                     spec.queue,
                     broker,
                 )
-        for spec in self._specs:
+        for spec in self._active_specs:
             if not spec.durable and transient_queues_deprecated(version):
                 logger.warning(
                     "queue %r is declared durable=False: %s deprecates transient "
@@ -331,24 +382,29 @@ class App:
         settings = self.settings
         if not self._specs:
             logger.warning("the App has no consumers")
-        for spec in self._specs:
-            prefetch = spec.prefetch or settings.prefetch
-            if spec.concurrency is not None and spec.concurrency > prefetch:
-                raise ValueError(
-                    f"queue {spec.queue!r}: concurrency ({spec.concurrency}) cannot exceed "
-                    f"prefetch ({prefetch})"
-                )
+        self._start_consumers()
         try:
-            pipelines = self._pipelines()
-        except TypeError as exc:
-            raise StartupError(str(exc)) from exc
-        self.metrics.add_queues(spec.queue for spec in self._specs)
+            for spec in self._active_specs:
+                prefetch = spec.prefetch or settings.prefetch
+                if spec.concurrency is not None and spec.concurrency > prefetch:
+                    raise ValueError(
+                        f"queue {spec.queue!r}: concurrency ({spec.concurrency}) cannot exceed "
+                        f"prefetch ({prefetch})"
+                    )
+            try:
+                pipelines = self._pipelines()
+            except TypeError as exc:
+                raise StartupError(str(exc)) from exc
+        except BaseException:
+            self._running_specs, self._disabled = None, ()
+            raise
+        self.metrics.add_queues(spec.queue for spec in self._active_specs)
         counted_before = Counter(self.metrics.messages)
         shutdown = self._shutdown if self._shutdown is not None else Shutdown()
         shutdown.grace_period = settings.grace_period
         self._shutdown = shutdown
         supervisor = Supervisor(
-            self._specs,
+            self._active_specs,
             settings.parameters,
             prefetch=settings.prefetch,
             shutdown=shutdown,
@@ -393,6 +449,7 @@ class App:
             raise
         finally:
             self._publishing.stop()
+            self._running_specs, self._disabled = None, ()
             self._supervisor = None
             self._shutdown = None
             self._http_url = None
@@ -405,6 +462,32 @@ class App:
         fatal, self._fatal_error = self._fatal_error, None
         if fatal is not None:
             raise fatal
+
+    def _start_consumers(self) -> None:
+        """Apply the consumers' settings; leave the disabled ones out (see _config)."""
+        try:
+            resolved = self.resolve_consumers()
+        except SettingsError as exc:
+            raise StartupError(str(exc)) from exc
+        prefetch = self.settings.prefetch
+        for resolved_consumer in resolved:
+            spec, sources = resolved_consumer.spec, resolved_consumer.sources
+            limit = spec.prefetch or prefetch
+            if spec.concurrency is not None and spec.concurrency > limit and sources:
+                raise StartupError(
+                    f"consumer {resolved_consumer.name!r}: concurrency ({spec.concurrency}) cannot "
+                    f"exceed prefetch ({limit}) (settings from {'; '.join(sources.values())})"
+                )
+            if not spec.enabled:
+                logger.info(
+                    "consumer %r is disabled (%s): queue %r is not declared or consumed",
+                    resolved_consumer.name,
+                    sources.get("enabled", "code"),
+                    spec.queue,
+                    extra={"event": "disabled", "queue": spec.queue},
+                )
+        self._running_specs = tuple(c.spec for c in resolved if c.spec.enabled)
+        self._disabled = tuple(c.spec.queue for c in resolved if not c.spec.enabled)
 
     def _log_stopped(self, before: Counter[tuple[str, str]], *, cancelled: bool = False) -> None:
         """One line for the end of a run, with its count of each outcome."""

@@ -2,7 +2,9 @@
 or mounted by a web service that embeds the App.
 
 ``/health/live``   200 while the App runs (also while it reconnects or drains)
-``/health/ready``  200 while connected with every consumer subscribed, else 503
+``/health/ready``  200 while connected with every consumer subscribed, else 503; a
+                   consumer disabled by its settings is listed as "disabled" and
+                   not waited for
 ``/metrics``       the Prometheus text format, rendered by prometheus-client
 
 The app reads the App's status through :class:`AppStatus` and its counters through
@@ -13,7 +15,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, MutableMapping
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
@@ -48,6 +50,9 @@ class AppStatus(Protocol):
 
     @property
     def subscriptions(self) -> Mapping[str, bool]: ...
+
+    @property
+    def disabled(self) -> Collection[str]: ...
 
 
 def _registry(metrics: Metrics) -> CollectorRegistry:
@@ -159,7 +164,8 @@ def asgi_app(app: AppStatus, metrics: Metrics) -> ASGIApp:
                 consumers={
                     queue: "subscribed" if subscribed else "not subscribed"
                     for queue, subscribed in app.subscriptions.items()
-                },
+                }
+                | dict.fromkeys(app.disabled, "disabled"),
             )
         if path == "/metrics":
             body, content_type = render_metrics(registry)

@@ -98,6 +98,33 @@ def _parser() -> argparse.ArgumentParser:
         help="text lines, or one JSON object per line for log shippers "
         "(env STRICTCONSUME_LOG_FORMAT; text)",
     )
+    # -- settings files and consumer settings (see _config) --
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        help="a TOML settings file: [app] and [consumers.NAME] tables, and per environment "
+        "[env.ENV.app], [env.ENV.consumers.NAME] (env STRICTCONSUME_CONFIG)",
+    )
+    parser.add_argument(
+        "--env",
+        metavar="ENV",
+        help="the environment of the settings file to apply, e.g. prod (env STRICTCONSUME_ENV)",
+    )
+    parser.add_argument(
+        "--consumer",
+        action="append",
+        default=[],
+        metavar="NAME.KEY=VALUE",
+        help="a consumer's setting (enabled, prefetch, concurrency, timeout, retry_delays, "
+        "delivery_limit, consumer_timeout), e.g. orders.prefetch=10; repeatable "
+        "(env STRICTCONSUME_CONSUMERS__NAME__KEY)",
+    )
+    parser.add_argument(
+        "--print-settings",
+        action="store_true",
+        help="print the effective settings of the App and of every consumer, and where "
+        "each came from, then exit without connecting",
+    )
     parser.add_argument("--version", action="version", version=f"strictconsume {__version__}")
     return parser
 
@@ -220,8 +247,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             backend=args.backend,
             log_level=args.log_level,
             log_format=args.log_format,
+            config=args.config,
+            env=args.env,
+            consumer_options=args.consumer,
         )
         settings = app.settings
+        app.resolve_consumers()  # an unknown consumer or key: an error before connecting
+        report = app.settings_report() if args.print_settings else None
     except UsageError as exc:
         parser.print_usage(sys.stderr)
         print(f"strictconsume: error: {exc}", file=sys.stderr)
@@ -229,6 +261,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"strictconsume: error: {exc}", file=sys.stderr)
         return EXIT_STARTUP
+    if report is not None:
+        print(report)
+        return EXIT_OK
     configure_logging(settings.log_level, settings.log_format)
     logging.getLogger("strictconsume").info(
         "strictconsume %s on %s, broker %s",

@@ -83,6 +83,11 @@ def _optional_prefetch(instance: object, attribute: attrs.Attribute[Any], value:
         raise ValueError(f"{attribute.name} must be an int from 1 to {MAX_PREFETCH}: {value!r}")
 
 
+def _optional_settings_name(instance: object, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if value is not None and (not isinstance(value, str) or not value.strip()):
+        raise ValueError(f"settings_name must be a non-empty string (or None), not {value!r}")
+
+
 @attrs.frozen
 class Binding:
     """Bind the consumer's queue to ``exchange`` (declared, durable, of ``exchange_type``)
@@ -165,6 +170,11 @@ class ConsumerSpec:
     #: Middleware around this consumer's handler (inside the App's): see
     #: :mod:`._middleware`.
     middleware: tuple[Middleware, ...] = attrs.field(default=(), converter=_middleware, eq=False)
+    #: False: the App declares and consumes nothing for this consumer (an operator
+    #: turns it off per environment; see :mod:`._config`).
+    enabled: bool = attrs.field(default=True, validator=attrs.validators.instance_of(bool))
+    #: The name settings files and variables use for this consumer (default: the queue).
+    settings_name: str | None = attrs.field(default=None, validator=_optional_settings_name)
 
     @delivery_limit.validator
     def _check_delivery_limit(self, attribute: attrs.Attribute[Any], value: Any) -> None:
@@ -235,6 +245,8 @@ class ConsumerOptions(TypedDict, total=False):
     delivery_limit: int | None
     consumer_timeout: float | None
     middleware: Iterable[Middleware]
+    enabled: bool
+    settings_name: str | None
 
 
 def check_options(options: Mapping[str, object], caller: str) -> None:
@@ -277,6 +289,11 @@ def consumer(queue: str, **options: Unpack[ConsumerOptions]) -> Callable[[H], H]
         middleware: Middleware around this handler (inside the App's), the first
             outermost: ``async def mw(msg, call_next)`` or an async context manager
             factory taking the message.
+        enabled: False to leave the consumer out: its queues are neither declared
+            nor consumed. Usually set per environment rather than in code.
+        settings_name: The name of the consumer in a settings file
+            (``[consumers.NAME]``) and in ``STRICTCONSUME_CONSUMERS__NAME__*``
+            variables; default: the queue's name.
     """
 
     check_options(options, "consumer")

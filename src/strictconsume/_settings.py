@@ -1,4 +1,5 @@
-"""Settings: from code, then the environment, then the command line (each overrides).
+"""Settings: from code, then a settings file (:mod:`._config`), then the environment,
+then the command line (each overrides).
 
 =================  ===============================  =========================
 setting            environment                      default
@@ -35,6 +36,7 @@ __all__ = [
     "ENV_PREFIX",
     "Settings",
     "SettingsError",
+    "layered_settings",
     "parse_address",
     "resolve_settings",
 ]
@@ -193,27 +195,47 @@ def _convert(name: str, source: str, value: Any) -> Any:
         raise SettingsError(f"{source}: the value {shown} is not usable: {exc}") from None
 
 
+def layered_settings(
+    code: Mapping[str, Any],
+    environ: Mapping[str, str],
+    command_line: Mapping[str, Any] | None = None,
+    file: Mapping[str, tuple[str, Any]] | None = None,
+) -> dict[str, tuple[str, Any]]:
+    """Each setting that is given -> (where it came from, its validated value), from
+    code < ``file`` (setting -> (where, value), see :mod:`._config`) < environment <
+    command line. ``None`` values mean "not given" at every level.
+
+    Raises:
+        SettingsError: as :func:`resolve_settings`.
+    """
+    values: dict[str, tuple[str, Any]] = {}
+    for name, value in code.items():
+        if value is not None:
+            values[name] = ("code", _convert(name, f"App({name}=...)", value))
+    for name, (where, value) in (file or {}).items():
+        values[name] = (where, _convert(name, where, value))
+    for name, (variable, raw) in _from_environment(environ).items():
+        values[name] = (f"env {variable}", _convert(name, f"environment variable {variable}", raw))
+    for name, value in (command_line or {}).items():
+        if value is not None:
+            option = "--url" if name == "urls" else f"--{name.replace('_', '-')}"
+            values[name] = (f"option {option}", _convert(name, f"option {option}", value))
+    return values
+
+
 def resolve_settings(
     code: Mapping[str, Any],
     environ: Mapping[str, str],
     command_line: Mapping[str, Any] | None = None,
+    file: Mapping[str, tuple[str, Any]] | None = None,
 ) -> Settings:
-    """Merge code < environment < command line into validated :class:`Settings`.
+    """Merge code < file < environment < command line into validated :class:`Settings`.
 
     ``None`` values mean "not given" at every level.
 
     Raises:
         SettingsError: a value is unusable; the message names the setting, where it
-            came from (argument, variable, option) and what is allowed.
+            came from (argument, file and key, variable, option) and what is allowed.
     """
-    values: dict[str, Any] = {}
-    for name, value in code.items():
-        if value is not None:
-            values[name] = _convert(name, f"App({name}=...)", value)
-    for name, (variable, raw) in _from_environment(environ).items():
-        values[name] = _convert(name, f"environment variable {variable}", raw)
-    for name, value in (command_line or {}).items():
-        if value is not None:
-            option = "--url" if name == "urls" else f"--{name.replace('_', '-')}"
-            values[name] = _convert(name, f"option {option}", value)
-    return Settings(**values)
+    layers = layered_settings(code, environ, command_line, file)
+    return Settings(**{name: value for name, (_, value) in layers.items()})
