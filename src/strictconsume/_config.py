@@ -207,7 +207,7 @@ def _read_section(
     for name in data:
         if name not in allowed:
             raise SettingsError(
-                f"settings file {path}: unknown table or key {prefix}{name!r}; "
+                f"settings file {path}: unknown table or key '{prefix}{_toml_key(name)}'; "
                 f"the file holds {', '.join(f'[{prefix}{a}]' for a in allowed)}"
             )
     table = f"{prefix}app"
