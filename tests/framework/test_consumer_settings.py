@@ -501,3 +501,21 @@ async def test_a_disabled_consumer_declares_nothing_and_the_app_is_ready_without
         for name in (on, off):
             for queue in (name, f"{name}.dlq", f"{name}.retry.1000"):
                 oracle.delete_now(queue)
+
+
+@pytest.mark.parametrize("env", [None, "staging", "prod", "maintenance"])
+def test_the_example_settings_file_fits_the_example_app(
+    env: str | None, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(REPO)
+    for variable in ("STRICTCONSUME_URL", "AMQP_URL", "STRICTCONSUME_ENV"):
+        monkeypatch.delenv(variable, raising=False)
+    argv = ["examples.orders:app", "--config", "examples/settings.toml", "--print-settings"]
+    code = main([*argv, *(["--env", env] if env else [])])
+    out, err = capsys.readouterr()
+    assert (code, err) == (0, "")
+    assert "change-me" not in out
+    orders = next(rows for title, rows in _rows(out).items() if title.startswith("consumer"))
+    expected = {None: "20", "staging": "5", "prod": "100", "maintenance": "20"}[env]
+    assert orders["prefetch"][0] == expected
+    assert orders["enabled"][0] == ("false" if env == "maintenance" else "true")
