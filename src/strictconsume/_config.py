@@ -35,7 +35,6 @@ bindings are the code's.
 from __future__ import annotations
 
 import math
-import os
 import re
 import tomllib
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -423,11 +422,12 @@ class SettingsLayers:
     config: str | None = None
     env: str | None = None
     consumer_options: tuple[str, ...] = ()
-    _loaded: dict[tuple[str, str | None, int], ConfigFile] = attrs.field(factory=dict)
+    _loaded: dict[tuple[str, str | None], ConfigFile] = attrs.field(factory=dict)
 
     def file(self, environ: Mapping[str, str]) -> ConfigFile | None:
-        """The settings file for the chosen environment, read once (again if it
-        changed on disk).
+        """The settings file for the chosen environment, read once: a running App
+        never reads it again (a file edited or removed meanwhile changes nothing
+        until the App is configured anew or restarted).
 
         Raises:
             SettingsError: see :func:`load_config`; an environment chosen without a file.
@@ -442,11 +442,7 @@ class SettingsLayers:
                     f"given: pass --config FILE or set {CONFIG_VARIABLE}"
                 )
             return None
-        try:
-            changed = os.stat(path).st_mtime_ns
-        except OSError as exc:
-            raise SettingsError(f"settings file {path}: cannot be read: {exc.strerror}") from None
-        key = (path, env, changed)
+        key = (path, env)
         if key not in self._loaded:
             self._loaded = {key: load_config(path, env)}
         return self._loaded[key]

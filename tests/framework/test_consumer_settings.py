@@ -159,6 +159,23 @@ def test_the_app_settings_in_the_file_sit_between_code_and_environment(tmp_path:
     assert SettingsLayers().settings({}, {"STRICTCONSUME_CONFIG": path}, {}).prefetch == 32
 
 
+def test_the_file_is_read_once_so_a_running_app_does_not_depend_on_it(tmp_path: Path) -> None:
+    path = write(tmp_path, "[app]\nprefetch = 12\n[consumers.orders]\nenabled = false\n")
+    app = sc.App()
+    app.consumer("orders")(handle)
+    app.configure(config=path)
+    assert app.settings.prefetch == 12
+    Path(path).write_text("[app]\nprefetch = 'broken'\n")
+    assert app.settings.prefetch == 12
+    Path(path).unlink()
+    assert app.settings.prefetch == 12
+    (orders,) = app.resolve_consumers()
+    assert orders.spec.enabled is False
+    app.configure(config=str(tmp_path / "gone.toml"))
+    with pytest.raises(SettingsError, match=r"gone\.toml: cannot be read: No such file"):
+        _ = app.settings
+
+
 def test_queue_names_map_to_variable_names_and_a_clash_asks_for_a_settings_name() -> None:
     assert consumer_variable("orders.v2", "prefetch") == (
         "STRICTCONSUME_CONSUMERS__ORDERS_V2__PREFETCH"
