@@ -62,9 +62,12 @@ class App:
         middleware: Middleware around every handler of the App (outside each
             consumer's own), the first outermost; see :meth:`add_middleware`.
 
-    Every setting can also come from the environment (``STRICTCONSUME_URL``, else
-    ``AMQP_URL``; ``STRICTCONSUME_PREFETCH``, ...), which overrides the code, and
-    from the command line, which overrides both.
+    Every setting can also come from a settings file (``configure(config=...)``,
+    ``--config`` or ``STRICTCONSUME_CONFIG``; see :mod:`._config`), which overrides the
+    code, from the environment (``STRICTCONSUME_URL``, else ``AMQP_URL``;
+    ``STRICTCONSUME_PREFETCH``, ...), which overrides both, and from the command line,
+    which overrides all. The consumers' operational options are layered the same way,
+    per consumer (:meth:`resolve_consumers`).
     """
 
     def __init__(

@@ -1,8 +1,9 @@
 """``python -m strictconsume [options] MODULE[:ATTR]``.
 
-Exit codes: 0 after a clean stop (SIGTERM, SIGINT, ``app.stop()``); 1 when the App
-cannot start (unusable settings, wrong credentials, unknown vhost, a topology
-mismatch: one line on stderr says which); 2 for a usage error (a bad option, a module
+Exit codes: 0 after a clean stop (SIGTERM, SIGINT, ``app.stop()``) and after
+``--print-settings``; 1 when the App cannot start (unusable settings or settings
+file, wrong credentials, unknown vhost, a topology mismatch: one line on stderr says
+which); 2 for a usage error (a bad option, a module
 that cannot be imported, nothing to run in it).
 """
 
