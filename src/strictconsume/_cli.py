@@ -83,6 +83,13 @@ def _parser() -> argparse.ArgumentParser:
         "127.0.0.1:9000 or :9000 for every interface (env STRICTCONSUME_HTTP; off)",
     )
     parser.add_argument(
+        "--queue-stats-interval",
+        type=float,
+        metavar="S",
+        help="seconds between two polls of each queue's depth and consumers for "
+        "/metrics; 0 never (env STRICTCONSUME_QUEUE_STATS_INTERVAL; 15)",
+    )
+    parser.add_argument(
         "--backend",
         choices=("trio", "asyncio"),
         help="the event loop (env STRICTCONSUME_BACKEND; trio)",
@@ -217,6 +224,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             prefetch=args.prefetch,
             grace_period=args.grace_period,
             http=args.http,
+            queue_stats_interval=args.queue_stats_interval,
             backend=args.backend,
             log_level=args.log_level,
             log_format=args.log_format,

@@ -409,8 +409,10 @@ class Dispatcher:
         backoff: Backoff = DEFAULT_BACKOFF,
         consumer_timeout: float = DEFAULT_CONSUMER_TIMEOUT,
         on_consumer_timeout: Callable[[str], None] = lambda queue: None,
+        on_message: Callable[[Message], None] = lambda msg: None,
     ) -> None:
         self.spec = spec
+        self._on_message = on_message  # a handler starts: the message age (_queue_stats)
         self.queue = spec.queue
         self.prefetch = prefetch
         self.shutdown = shutdown
@@ -727,6 +729,7 @@ class Dispatcher:
             self._on_outcome(self.queue, OutcomeKind.DEAD_LETTER, 0.0)
             state.ended()
             return
+        self._on_message(msg)
         native = self._native
         started = native.current_time()
         error: BaseException | None = None

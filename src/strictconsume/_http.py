@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, MutableMapping
 from typing import TYPE_CHECKING, Any
@@ -93,11 +92,7 @@ def _registry(metrics: Metrics) -> CollectorRegistry:
                 labels=["queue"],
             )
             for queue, histogram in sorted(metrics.handler_seconds.items()):
-                buckets = [
-                    ("+Inf" if math.isinf(bound) else repr(bound), count)
-                    for bound, count in histogram.cumulative()
-                ]
-                seconds.add_metric([queue], buckets, histogram.total)
+                seconds.add_metric([queue], histogram.exposition_buckets(), histogram.total)
             yield seconds
             inflight = GaugeMetricFamily(
                 "strictconsume_inflight", "Handlers running now, by queue.", labels=["queue"]
@@ -127,6 +122,8 @@ def _registry(metrics: Metrics) -> CollectorRegistry:
 
     registry = CollectorRegistry(auto_describe=False)
     registry.register(Collector())
+    for collector in metrics.collectors:  # queue statistics (_queue_stats.py)
+        registry.register(collector)
     return registry
 
 
