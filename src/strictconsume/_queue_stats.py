@@ -11,7 +11,8 @@ Three sets of series beside the App's own counters (design section 7):
 
 The counts come from a passive ``queue.declare`` of each consumed queue, its
 ``.dlq`` and its retry queues, every ``queue_stats_interval`` seconds (15; 0 turns
-the polling off), on a channel of its own on the consumers' connection: a queue
+the polling off) from the first scrape of ``/metrics`` on (an App whose metrics
+nobody reads asks nothing), on a channel of its own on the consumers' connection: a queue
 that is missing (404) closes only that channel, never a consumer's. The broker
 answers a passive declare with the messages *ready* (not those delivered and
 unacked) and the consumers of every connection, so every process of a fleet reports
@@ -115,6 +116,10 @@ class QueueStats:
     counts: dict[str, tuple[int, int]] = attrs.Factory(dict)
     #: Consumed queue -> ages of the messages its handler started.
     ages: dict[str, Histogram] = attrs.Factory(dict)
+    #: Whether ``/metrics`` was ever scraped: until then nobody reads the counts, and
+    #: the broker is not asked for them.
+    scraped: bool = False
+    _first_scrape: anyio.Event | None = None
 
     def watch(self, specs: Iterable[ConsumerSpec]) -> None:
         """Poll the queues of ``specs``; start their age series at 0."""
@@ -142,6 +147,9 @@ class QueueStats:
         worth no consumer's failure."""
         if self.interval <= 0 or not self.queues:
             return
+        if not self.scraped:
+            self._first_scrape = anyio.Event()  # set by collect(), on this event loop
+            await self._first_scrape.wait()
         try:
             while True:
                 try:
@@ -172,8 +180,14 @@ class QueueStats:
                     self.counts[queue] = (ok.message_count, ok.consumer_count)
 
     def collect(self) -> Iterator[Metric]:
-        """The series (prometheus-client's collector protocol)."""
+        """The series (prometheus-client's collector protocol). The first call starts
+        the polling: the counts of an App nobody scrapes are never asked for."""
         from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
+
+        if not self.scraped:
+            self.scraped = True
+            if self._first_scrape is not None:
+                self._first_scrape.set()
 
         messages = GaugeMetricFamily(
             "strictconsume_queue_messages",

@@ -154,6 +154,8 @@ async def test_counts_and_ages_of_a_running_app(broker_url: str, queue: str) -> 
         return {dict(labels)["queue"]: value for labels, value in found.get(name, {}).items()}
 
     async with app.running():
+        await anyio.sleep(0.5)  # five intervals, but nobody scraped: nothing asked
+        assert app._queue_stats.counts == {}
         await anyio.to_thread.run_sync(
             _publish_timestamped, broker_url, queue, [b"a", b"b", b"c"], 40
         )
