@@ -49,6 +49,7 @@ def _parser() -> argparse.ArgumentParser:
             "code, then STRICTCONSUME_* environment variables, then these options. "
             "SIGTERM or SIGINT stops gracefully; a second signal skips the grace period."
         ),
+        epilog="python -m strictconsume dlq --help: list, show, replay or purge dead letters.",
     )
     parser.add_argument(
         "target",
@@ -215,6 +216,11 @@ def configure_logging(level: str, log_format: str) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``python -m strictconsume``; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["dlq"]:  # python -m strictconsume dlq ...: the dead-letter tool
+        from ._dlq_tool import main as dlq_main
+
+        return dlq_main(argv[1:])
     parser = _parser()
     args = parser.parse_args(argv)
     try:
