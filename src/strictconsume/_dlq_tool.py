@@ -413,8 +413,10 @@ async def run_command(
             finally:
                 if held and ch.is_open:
                     with anyio.CancelScope(shield=True):
-                        # back where they were (in order: the last one first)
-                        for tag in sorted(held, reverse=True):
+                        # back in their order: a classic queue puts each one back
+                        # where it was; a quorum queue redelivers returns first, in
+                        # the order they were returned
+                        for tag in sorted(held):
                             await ch.nack(tag, requeue=True)
     except AMQPError as exc:
         raise ToolError(f"{_redacted(urls)}: {exc}") from exc

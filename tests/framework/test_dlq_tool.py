@@ -213,12 +213,17 @@ def queue(broker_url: str) -> Iterator[str]:
         oracle.delete_now(name + suffix)
 
 
-async def _dead_letters(broker_url: str, queue: str) -> None:
+async def _dead_letters(broker_url: str, queue: str, queue_type: str = "classic") -> None:
     """Six dead letters in ``queue.dlq``, made by a real App: m1..m6, m2 and m5
     failing with ValueError, the others rejected."""
     app = sc.App(url=broker_url, grace_period=1.0)
 
-    @app.consumer(queue, timeout=5.0, retry=sc.Retry(delays=()))
+    @app.consumer(
+        queue,
+        timeout=5.0,
+        retry=sc.Retry(delays=()),
+        queue_type="quorum" if queue_type == "quorum" else "classic",
+    )
     async def handle(msg: sc.Message) -> None:
         if msg.message_id in ("m2", "m5"):
             raise ValueError("bad value")
@@ -277,10 +282,11 @@ async def test_list_and_show_leave_every_dead_letter_in_its_place(
 
 
 @pytest.mark.broker
+@pytest.mark.parametrize("queue_type", ["classic", "quorum"])
 async def test_replay_of_the_selected_ones_to_where_they_failed(
-    broker_url: str, queue: str
+    broker_url: str, queue: str, queue_type: str
 ) -> None:
-    await _dead_letters(broker_url, queue)
+    await _dead_letters(broker_url, queue, queue_type)
     dry = await run_command(
         "replay", [broker_url], queue, Selection(error_types=("ValueError",)), dry_run=True
     )
