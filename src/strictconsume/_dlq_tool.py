@@ -77,6 +77,10 @@ DEFAULT_LIMIT = 10_000
 #: Seconds without a delivery after which the dead letters still expected (consumed
 #: meanwhile by someone else) are no longer waited for.
 IDLE_TIMEOUT = 2.0
+#: A dead letter returned this often (its quorum queue's ``x-delivery-count``) is
+#: warned about: RabbitMQ 4.0 to 4.2 count the tool's returns, and drop a message of
+#: a quorum queue at its delivery limit (20 by default).
+RETURNED_OFTEN = 10
 #: The headers that say why a message died: a replayed copy goes without them.
 REASON_HEADERS = (
     "x-attempt",
@@ -347,6 +351,29 @@ class Report:
     dry_run: bool = False
     confirmed: bool = True
 
+    @property
+    def warnings(self) -> list[str]:
+        """What the user should know before reading this queue again."""
+        often = [
+            letter
+            for letter in self.letters
+            if letter.delivery_tag not in {done.delivery_tag for done, _ in self.done}
+            and _count_header(letter, BROKER_COUNT_HEADERS[0]) >= RETURNED_OFTEN
+        ]
+        if not often:
+            return []
+        return [
+            f"{len(often)} dead letter(s) of {self.queue} were given back {RETURNED_OFTEN} "
+            "times or more (x-delivery-count): RabbitMQ 4.0 to 4.2 drop a quorum queue's "
+            "message at its delivery limit (20 by default); replay or purge them rather "
+            "than reading them again"
+        ]
+
+
+def _count_header(letter: DeadLetter, name: str) -> int:
+    value = (letter.delivery.properties.headers or {}).get(name)
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
 
 async def _read(ch: Channel, queue: str, limit: int) -> tuple[int, list[DeadLetter]]:
     """Consume up to ``limit`` dead letters of ``queue`` and hold them unacked."""
@@ -569,6 +596,7 @@ def render_json(report: Report) -> str:
                 "in_queue": report.in_queue,
                 "read": len(report.letters),
                 "selected": letters,
+                "warnings": report.warnings,
             },
             indent=None,
         )
@@ -586,6 +614,7 @@ def render_json(report: Report) -> str:
                 for letter, where in report.done
             ],
             "failed": [{**letter.summary(), "reason": why} for letter, why in report.failed],
+            "warnings": report.warnings,
         }
     )
 
@@ -728,6 +757,8 @@ def main(argv: Sequence[str]) -> int:
         print(f"strictconsume dlq: error: {exc}", file=sys.stderr)
         return EXIT_FAILED
     print(render_json(report) if args.json else render_human(report))
+    for warning in report.warnings:
+        print(f"strictconsume dlq: warning: {warning}", file=sys.stderr)
     if report.failed or not report.confirmed:
         return EXIT_FAILED
     return EXIT_OK

@@ -170,6 +170,18 @@ def test_a_replayed_copy_starts_afresh_and_records_the_replay() -> None:
     }
 
 
+def test_dead_letters_given_back_often_are_warned_about() -> None:
+    often = DeadLetter.read(1, _delivery({**OURS, "x-delivery-count": 12}, tag=1))
+    rarely = DeadLetter.read(2, _delivery({**OURS, "x-delivery-count": 9}, tag=2))
+    report = Report("list", "orders.dlq", in_queue=2, letters=[often, rarely])
+    (warning,) = report.warnings
+    assert warning.startswith("1 dead letter(s) of orders.dlq were given back 10 times")
+    assert "delivery limit" in warning
+    assert json.loads(render_json(report))["warnings"] == [warning]
+    report.done.append((often, "orders"))  # replayed: gone from the queue
+    assert report.warnings == []
+
+
 def test_the_output_for_people_and_for_scripts() -> None:
     letters = [
         DeadLetter.read(1, _delivery(OURS, message_id="a", tag=1)),
@@ -194,6 +206,7 @@ def test_the_output_for_people_and_for_scripts() -> None:
             "failed_at": "2026-12-03T08:30:00.000Z",
         }
     ]
+    assert data["warnings"] == []
     show = Report("show", "orders.dlq", in_queue=2, letters=letters, selected=letters[1:])
     whole = json.loads(render_json(show))["selected"][0]
     assert whole["headers"]["x-death"][0]["time"] == "2026-12-03T07:00:00.000Z"
