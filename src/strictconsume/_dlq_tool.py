@@ -722,8 +722,8 @@ def main(argv: Sequence[str]) -> int:
     """Run ``python -m strictconsume dlq ARGS``; returns the exit code."""
     parser = _parser()
     args = parser.parse_args(list(argv))
-    if args.limit < 1:
-        parser.error("--limit must be at least 1")
+    if not 1 <= args.limit <= 65535:  # all held at once: a prefetch is a short
+        parser.error("--limit must be from 1 to 65535")
     try:
         settings = resolve_settings({}, os.environ, {"urls": args.url})
     except SettingsError as exc:
