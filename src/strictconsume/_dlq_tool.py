@@ -50,7 +50,7 @@ from typing import Any
 import anyio
 import attrs
 
-from ._dispatch import _copy_properties
+from ._copies import copy_properties as _copy_properties
 from ._message import BROKER_COUNT_HEADERS, ORIGINAL_EXCHANGE_HEADER, ORIGINAL_ROUTING_KEY_HEADER
 from ._publisher import connect_first
 from ._retry import dead_letter_queue_name
@@ -59,12 +59,12 @@ from .amqp import (
     AMQPError,
     Channel,
     ChannelClosed,
+    Delivery,
     MessageReturned,
     Properties,
     PublishNacked,
     Timestamp,
 )
-from .amqp._protocol import Delivery
 
 __all__ = ["DeadLetter", "main"]
 
