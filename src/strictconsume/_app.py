@@ -21,6 +21,7 @@ from ._middleware import Middleware, check_middleware
 from ._outcome import OutcomeKind, sole_exception
 from ._pipeline import Pipeline, build_pipeline
 from ._publisher import PublishChannelSlot, Publisher, own_connection_publisher
+from ._queue_stats import QueueStats
 from ._reply import publishing_replier
 from ._settings import Settings, SettingsError, resolve_settings
 from ._shutdown import Shutdown
@@ -58,6 +59,8 @@ class App:
             default, 1800); handler timeouts unset or longer are warned about.
         http: ``HOST:PORT`` to serve ``/health/live``, ``/health/ready`` and
             ``/metrics`` on while the App runs (needs the ``http`` extra).
+        queue_stats_interval: Seconds between two polls of the queues' depth and
+            consumers for ``/metrics`` (15; 0: never).
         backend, log_level, log_format: Used by ``python -m strictconsume``.
         middleware: Middleware around every handler of the App (outside each
             consumer's own), the first outermost; see :meth:`add_middleware`.
@@ -78,6 +81,7 @@ class App:
         grace_period: float | None = None,
         consumer_timeout: float | None = None,
         http: str | None = None,
+        queue_stats_interval: float | None = None,
         backend: Literal["trio", "asyncio"] | None = None,
         log_level: str | None = None,
         log_format: Literal["text", "json"] | None = None,
@@ -89,6 +93,7 @@ class App:
             "grace_period": grace_period,
             "consumer_timeout": consumer_timeout,
             "http": http,
+            "queue_stats_interval": queue_stats_interval,
             "backend": backend,
             "log_level": log_level,
             "log_format": log_format,
@@ -116,6 +121,8 @@ class App:
         self._warned_for: object = _NOT_WARNED
         #: What ``/metrics`` shows; kept across runs of the App.
         self.metrics = Metrics(connected=lambda: self.connected, inflight=self._inflight)
+        self._queue_stats = QueueStats(ready=lambda: self.ready)  # depth, age, readiness
+        self.metrics.collectors.append(self._queue_stats)
 
     def __repr__(self) -> str:
         queues = ", ".join(spec.queue for spec in self._specs)
@@ -402,6 +409,8 @@ class App:
             self._running_specs, self._disabled = None, ()
             raise
         self.metrics.add_queues(spec.queue for spec in self._active_specs)
+        self._queue_stats.interval = settings.queue_stats_interval
+        self._queue_stats.watch(self._active_specs)
         counted_before = Counter(self.metrics.messages)
         shutdown = self._shutdown if self._shutdown is not None else Shutdown()
         shutdown.grace_period = settings.grace_period
@@ -417,6 +426,8 @@ class App:
             on_reconnect=self._reconnected,
             on_connected=self._connected,
             on_consumer_timeout=self._consumer_timed_out,
+            on_message=self._queue_stats.message_started,
+            watch_queues=self._queue_stats.poll,
             consumer_timeout=settings.consumer_timeout,
             random=self._random,
             pipelines=pipelines,

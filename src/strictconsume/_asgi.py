@@ -14,7 +14,6 @@ The app reads the App's status through :class:`AppStatus` and its counters throu
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, MutableMapping
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -86,11 +85,7 @@ def _registry(metrics: Metrics) -> CollectorRegistry:
                 labels=["queue"],
             )
             for queue, histogram in sorted(metrics.handler_seconds.items()):
-                buckets = [
-                    ("+Inf" if math.isinf(bound) else repr(bound), count)
-                    for bound, count in histogram.cumulative()
-                ]
-                seconds.add_metric([queue], buckets, histogram.total)
+                seconds.add_metric([queue], histogram.exposition_buckets(), histogram.total)
             yield seconds
             inflight = GaugeMetricFamily(
                 "strictconsume_inflight", "Handlers running now, by queue.", labels=["queue"]
@@ -120,6 +115,8 @@ def _registry(metrics: Metrics) -> CollectorRegistry:
 
     registry = CollectorRegistry(auto_describe=False)
     registry.register(Collector())
+    for collector in metrics.collectors:  # queue statistics (_queue_stats.py)
+        registry.register(collector)
     return registry
 
 

@@ -50,6 +50,7 @@ def _parser() -> argparse.ArgumentParser:
             "code, then STRICTCONSUME_* environment variables, then these options. "
             "SIGTERM or SIGINT stops gracefully; a second signal skips the grace period."
         ),
+        epilog="python -m strictconsume dlq --help: list, show, replay or purge dead letters.",
     )
     parser.add_argument(
         "target",
@@ -82,6 +83,13 @@ def _parser() -> argparse.ArgumentParser:
         metavar="HOST:PORT",
         help="serve /health/live, /health/ready and /metrics (Prometheus) there, e.g. "
         "127.0.0.1:9000 or :9000 for every interface (env STRICTCONSUME_HTTP; off)",
+    )
+    parser.add_argument(
+        "--queue-stats-interval",
+        type=float,
+        metavar="S",
+        help="seconds between two polls of each queue's depth and consumers for "
+        "/metrics; 0 never (env STRICTCONSUME_QUEUE_STATS_INTERVAL; 15)",
     )
     parser.add_argument(
         "--backend",
@@ -236,6 +244,11 @@ def configure_logging(level: str, log_format: str) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``python -m strictconsume``; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["dlq"]:  # python -m strictconsume dlq ...: the dead-letter tool
+        from ._dlq_tool import main as dlq_main
+
+        return dlq_main(argv[1:])
     parser = _parser()
     args = parser.parse_args(argv)
     try:
@@ -245,6 +258,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             prefetch=args.prefetch,
             grace_period=args.grace_period,
             http=args.http,
+            queue_stats_interval=args.queue_stats_interval,
             backend=args.backend,
             log_level=args.log_level,
             log_format=args.log_format,

@@ -152,6 +152,7 @@ APP_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
     "grace_period": ((int, float), "a number of seconds"),
     "consumer_timeout": ((int, float), "a number of seconds"),
     "http": ((str,), "a string HOST:PORT"),
+    "queue_stats_interval": ((int, float), "a number of seconds"),
     "backend": ((str,), "a string"),
     "log_level": ((str,), "a string"),
     "log_format": ((str,), "a string"),

@@ -160,9 +160,11 @@ class Dispatcher:
         backoff: Backoff = DEFAULT_BACKOFF,
         consumer_timeout: float = DEFAULT_CONSUMER_TIMEOUT,
         on_consumer_timeout: Callable[[str], None] = lambda queue: None,
+        on_message: Callable[[Message], None] = lambda msg: None,
         pipeline: Pipeline | None = None,
     ) -> None:
         self.spec = spec
+        self._on_message = on_message  # a handler starts: the message age (_queue_stats)
         #: How the handler is called (built by the App with its middleware and
         #: replies; by default the bare handler's).
         self.pipeline = pipeline if pipeline is not None else build_pipeline(spec)
@@ -481,6 +483,7 @@ class Dispatcher:
             self._on_outcome(self.queue, OutcomeKind.DEAD_LETTER, 0.0)
             state.ended()
             return
+        self._on_message(msg)
         native = self._native
         started = native.current_time()
         error: BaseException | None = None

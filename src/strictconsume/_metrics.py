@@ -11,6 +11,7 @@ import bisect
 import math
 from collections import Counter
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import attrs
 
@@ -44,13 +45,15 @@ HANDLER_BUCKETS: tuple[float, ...] = (
 
 @attrs.define
 class Histogram:
-    """Durations in :data:`HANDLER_BUCKETS` (each count for its own bucket only)."""
+    """Observations in the buckets of ``bounds`` (each count for its own bucket only;
+    the last bound is infinity)."""
 
-    counts: list[int] = attrs.Factory(lambda: [0] * len(HANDLER_BUCKETS))
+    bounds: tuple[float, ...] = HANDLER_BUCKETS
+    counts: list[int] = attrs.Factory(lambda self: [0] * len(self.bounds), takes_self=True)
     total: float = 0.0
 
     def observe(self, value: float) -> None:
-        self.counts[bisect.bisect_left(HANDLER_BUCKETS, value)] += 1
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
         self.total += value
 
     @property
@@ -61,10 +64,17 @@ class Histogram:
         """``(upper bound, observations <= bound)`` per bucket, as Prometheus wants."""
         running = 0
         buckets = []
-        for bound, count in zip(HANDLER_BUCKETS, self.counts, strict=True):
+        for bound, count in zip(self.bounds, self.counts, strict=True):
             running += count
             buckets.append((bound, running))
         return buckets
+
+    def exposition_buckets(self) -> list[tuple[str, int]]:
+        """:meth:`cumulative` with the bounds written as Prometheus' ``le`` labels."""
+        return [
+            ("+Inf" if math.isinf(bound) else repr(bound), count)
+            for bound, count in self.cumulative()
+        ]
 
 
 @attrs.define
@@ -81,6 +91,9 @@ class Metrics:
     #: Read when scraped: are we connected, and how many handlers run per queue.
     connected: Callable[[], bool] = lambda: False
     inflight: Callable[[], dict[str, int]] = dict
+    #: prometheus-client collectors scraped beside these counters (``collect()``
+    #: yielding metric families): the queue statistics of :mod:`._queue_stats`.
+    collectors: list[Any] = attrs.Factory(list)
 
     def add_queues(self, queues: Iterable[str]) -> None:
         """Start every series of ``queues`` at 0, so that a rate() works from the start

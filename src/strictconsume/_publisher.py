@@ -426,14 +426,14 @@ class PublishChannelSlot:
 
 
 @contextlib.asynccontextmanager
-async def own_connection_publisher(
+async def connect_first(
     parameters: Sequence[str | ConnectionParameters],
-) -> AsyncIterator[Publisher]:
-    """A Publisher with a connection of its own (used when the App is not running),
-    to the first of ``parameters`` (the App's URLs) that accepts a connection.
+) -> AsyncIterator[Connection]:
+    """A connection to the first of ``parameters`` (the nodes of a cluster) that
+    accepts one.
 
     Raises:
-        AMQPError: no URL accepted a connection (the last one's error).
+        AMQPError: none accepted a connection (the last one's error).
     """
     async with contextlib.AsyncExitStack() as stack:
         error: AMQPError | None = None
@@ -447,6 +447,20 @@ async def own_connection_publisher(
         else:
             assert error is not None, "at least one URL is needed"
             raise error
+        yield conn
+
+
+@contextlib.asynccontextmanager
+async def own_connection_publisher(
+    parameters: Sequence[str | ConnectionParameters],
+) -> AsyncIterator[Publisher]:
+    """A Publisher with a connection of its own (used when the App is not running),
+    to the first of ``parameters`` (the App's URLs) that accepts a connection.
+
+    Raises:
+        AMQPError: no URL accepted a connection (the last one's error).
+    """
+    async with connect_first(parameters) as conn:
         channel = PublishChannel()
         async with anyio.create_task_group() as tg:
             await tg.start(channel.run, conn)

@@ -12,6 +12,7 @@ log_level          STRICTCONSUME_LOG_LEVEL          INFO
 log_format         STRICTCONSUME_LOG_FORMAT         text (or json)
 consumer_timeout   STRICTCONSUME_CONSUMER_TIMEOUT   1800.0 (the broker's, seconds)
 http               STRICTCONSUME_HTTP               not served (HOST:PORT)
+queue_stats_interval STRICTCONSUME_QUEUE_STATS_INTERVAL 15.0 (seconds; 0: off)
 =================  ===============================  =========================
 
 Several URLs (the nodes of a cluster) are separated by commas or whitespace; the
@@ -90,6 +91,7 @@ class Settings:
     log_format: Literal["text", "json"] = "text"
     consumer_timeout: float = 1800.0
     http: str | None = None
+    queue_stats_interval: float = 15.0  # _queue_stats.py
 
     @property
     def parameters(self) -> tuple[ConnectionParameters, ...]:
@@ -104,7 +106,8 @@ class Settings:
             f"Settings(urls={self.redacted_urls!r}, prefetch={self.prefetch!r}, "
             f"grace_period={self.grace_period!r}, backend={self.backend!r}, "
             f"log_level={self.log_level!r}, log_format={self.log_format!r}, "
-            f"consumer_timeout={self.consumer_timeout!r}, http={self.http!r})"
+            f"consumer_timeout={self.consumer_timeout!r}, http={self.http!r}, "
+            f"queue_stats_interval={self.queue_stats_interval!r})"
         )
 
 
@@ -168,6 +171,7 @@ _CONVERTERS: dict[str, Callable[[Any], Any]] = {
     "log_format": _choice("text", "json"),
     "consumer_timeout": _seconds,
     "http": _http_address,
+    "queue_stats_interval": _seconds,
 }
 
 

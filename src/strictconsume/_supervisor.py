@@ -57,7 +57,10 @@ from .amqp import (
 )
 
 if TYPE_CHECKING:
+    from collections.abc import Awaitable
+
     from ._consumer import ConsumerSpec
+    from ._message import Message
     from ._pipeline import Pipeline
 
 __all__ = ["StartupError", "Supervisor"]
@@ -95,6 +98,8 @@ class Supervisor:
         on_reconnect: Callable[[], None] = lambda: None,
         on_connected: Callable[[Connection], None] = lambda conn: None,
         on_consumer_timeout: Callable[[str], None] = lambda queue: None,
+        on_message: Callable[[Message], None] = lambda msg: None,
+        watch_queues: Callable[[Connection], Awaitable[None]] | None = None,
         consumer_timeout: float = DEFAULT_CONSUMER_TIMEOUT,
         random: random_module.Random | None = None,
         backoff: Backoff = DEFAULT_BACKOFF,
@@ -113,6 +118,8 @@ class Supervisor:
         self._on_connected = on_connected
         self._publishing = publishing
         self._publishing_idle = anyio.CancelScope()
+        #: Runs beside the consumers on each connection until a stop (_queue_stats).
+        self._watch_queues = watch_queues
         self.connected = False
         self.ever_ready = False
         self.reconnects = 0
@@ -129,6 +136,7 @@ class Supervisor:
                 backoff=backoff,
                 consumer_timeout=consumer_timeout,
                 on_consumer_timeout=on_consumer_timeout,
+                on_message=on_message,
                 pipeline=None if pipelines is None else pipelines[spec.queue],
             )
             for spec in self.specs
@@ -344,6 +352,8 @@ class Supervisor:
                     dispatcher.queue not in undeclared,
                     one_started,
                 )
+            if self._watch_queues is not None:
+                consumers.start_soon(self._watch, self._watch_queues, conn)
             if not self.dispatchers:  # an App used only to publish
                 consumers.start_soon(self.shutdown.wait)
                 all_started.set()
@@ -357,6 +367,12 @@ class Supervisor:
             if not self.ever_ready:
                 self.ever_ready = True
                 task_status.started()
+
+    async def _watch(
+        self, watch: Callable[[Connection], Awaitable[None]], conn: Connection
+    ) -> None:
+        with self.shutdown.intake():  # a stop ends it; the consumers drain on
+            await watch(conn)
 
     async def _declare(self, conn: Connection, *, startup: bool) -> set[str]:
         """Declare every consumer's topology on one channel (a fresh one after a

@@ -504,6 +504,10 @@ async def test_a_disabled_consumer_declares_nothing_and_the_app_is_ready_without
                 return handled == [b"works"]
 
             await wait_until(handled_one, what="the enabled consumer handling its message")
+            status, _, metrics = await call(app.asgi(), "/metrics")
+            assert status == 200
+            assert on in metrics.decode()
+            assert off not in metrics.decode()  # neither counted nor polled for its depth
             for queue in (off, f"{off}.dlq", f"{off}.retry.1000"):
                 assert not await oracle.queue_exists(queue), queue
             for queue in (on, f"{on}.dlq", f"{on}.retry.1000"):
