@@ -24,6 +24,7 @@ from ._reply import publishing_replier
 from ._settings import Settings, resolve_settings
 from ._shutdown import Shutdown
 from ._supervisor import StartupError, Supervisor
+from ._tracing import Tracing, resolve_tracing
 from ._versions import (
     consumer_timeout_argument,
     consumer_timeout_cancels,
@@ -33,6 +34,8 @@ from ._versions import (
 )
 
 if TYPE_CHECKING:
+    from opentelemetry.trace import TracerProvider
+
     from ._asgi import ASGIApp
     from ._http import HttpServer
     from .amqp import Connection
@@ -60,6 +63,9 @@ class App:
         backend, log_level, log_format: Used by ``python -m strictconsume``.
         middleware: Middleware around every handler of the App (outside each
             consumer's own), the first outermost; see :meth:`add_middleware`.
+        tracing: OpenTelemetry trace context (the ``otel`` extra; see README,
+            "Trace context"): None (the default) is on when a tracer provider is
+            set when the App starts, True on, False off; or the ``TracerProvider``.
 
     Every setting can also come from the environment (``STRICTCONSUME_URL``, else
     ``AMQP_URL``; ``STRICTCONSUME_PREFETCH``, ...), which overrides the code, and
@@ -78,6 +84,7 @@ class App:
         log_level: str | None = None,
         log_format: Literal["text", "json"] | None = None,
         middleware: Iterable[Middleware] = (),
+        tracing: bool | TracerProvider | None = None,
     ) -> None:
         self._code_settings: dict[str, Any] = {
             "urls": url,
@@ -98,6 +105,9 @@ class App:
         self._shutdown: Shutdown | None = None
         self._supervisor: Supervisor | None = None
         self._publishing = PublishChannelSlot()
+        self._tracing_setting = tracing
+        #: Resolved when the App starts (a provider may be set after it was made).
+        self._tracing: Tracing | None = None
         self._random = random_module.Random()
         self._grace_period: float | None = None
         self._fatal_error: BaseException | None = None
@@ -168,6 +178,7 @@ class App:
                 middleware=self._middleware,
                 reply=publishing_replier(self._publishing),
                 threads=spec.concurrency or spec.prefetch or prefetch,
+                tracing=self._tracing,
             )
             for spec in self._specs
         }
@@ -339,8 +350,9 @@ class App:
                     f"prefetch ({prefetch})"
                 )
         try:
+            self._tracing = resolve_tracing(self._tracing_setting)
             pipelines = self._pipelines()
-        except TypeError as exc:
+        except (TypeError, RuntimeError) as exc:
             raise StartupError(str(exc)) from exc
         self.metrics.add_queues(spec.queue for spec in self._specs)
         counted_before = Counter(self.metrics.messages)
@@ -518,7 +530,9 @@ class App:
         first of the App's URLs that accepts one.
         """
         if self._supervisor is not None:
-            yield Publisher(self._publishing)
+            yield Publisher(self._publishing, tracing=self._tracing)
             return
-        async with own_connection_publisher(self.settings.parameters) as publisher:
+        async with own_connection_publisher(
+            self.settings.parameters, tracing=resolve_tracing(self._tracing_setting)
+        ) as publisher:
             yield publisher

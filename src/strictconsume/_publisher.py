@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from pamqp.common import FieldTable
 
     from ._message import Message
+    from ._tracing import Tracing
     from .amqp import Channel, Connection, ConnectionParameters
 
 __all__ = [
@@ -198,8 +199,12 @@ class Publisher:
     connection of its own.
     """
 
-    def __init__(self, source: PublishChannel | PublishChannelSlot) -> None:
+    def __init__(
+        self, source: PublishChannel | PublishChannelSlot, *, tracing: Tracing | None = None
+    ) -> None:
         self._source = source
+        #: A producer span per publish, its context in the headers (:mod:`._tracing`).
+        self._tracing = tracing
 
     async def publish(
         self,
@@ -238,6 +243,34 @@ class Publisher:
                 arrive (consumers then may see it twice).
         """
         payload = _body(body)
+        tracing = self._tracing
+        if tracing is not None:
+            traced = dict(headers or {})
+            with tracing.publish(
+                traced,
+                exchange=exchange,
+                routing_key=routing_key,
+                **{
+                    "messaging.message.id": message_id,
+                    "messaging.message.conversation_id": correlation_id,
+                    "messaging.message.body.size": len(payload),
+                },
+            ):
+                await self._publish(
+                    payload,
+                    build_properties(
+                        headers=traced,
+                        message_id=message_id,
+                        content_type=content_type,
+                        persistent=persistent,
+                        correlation_id=correlation_id,
+                        reply_to=reply_to,
+                    ),
+                    exchange=exchange,
+                    routing_key=routing_key,
+                    mandatory=mandatory,
+                )
+            return
         properties = build_properties(
             headers=headers,
             message_id=message_id,
@@ -246,6 +279,19 @@ class Publisher:
             correlation_id=correlation_id,
             reply_to=reply_to,
         )
+        await self._publish(
+            payload, properties, exchange=exchange, routing_key=routing_key, mandatory=mandatory
+        )
+
+    async def _publish(
+        self,
+        payload: bytes,
+        properties: Properties,
+        *,
+        exchange: str,
+        routing_key: str,
+        mandatory: bool,
+    ) -> None:
         source = self._source
         if isinstance(source, PublishChannel):
             await source.publish(
@@ -428,6 +474,8 @@ class PublishChannelSlot:
 @contextlib.asynccontextmanager
 async def own_connection_publisher(
     parameters: Sequence[str | ConnectionParameters],
+    *,
+    tracing: Tracing | None = None,
 ) -> AsyncIterator[Publisher]:
     """A Publisher with a connection of its own (used when the App is not running),
     to the first of ``parameters`` (the App's URLs) that accepts a connection.
@@ -451,6 +499,6 @@ async def own_connection_publisher(
         async with anyio.create_task_group() as tg:
             await tg.start(channel.run, conn)
             try:
-                yield Publisher(channel)
+                yield Publisher(channel, tracing=tracing)
             finally:
                 tg.cancel_scope.cancel()
