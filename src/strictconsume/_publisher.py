@@ -243,44 +243,46 @@ class Publisher:
                 arrive (consumers then may see it twice).
         """
         payload = _body(body)
-        tracing = self._tracing
-        if tracing is not None:
-            traced = dict(headers or {})
-            with tracing.publish(
-                traced,
+        headers, span = self._span(
+            headers, exchange, routing_key, message_id, correlation_id, payload
+        )
+        with span:
+            await self._publish(
+                payload,
+                build_properties(
+                    headers=headers,
+                    message_id=message_id,
+                    content_type=content_type,
+                    persistent=persistent,
+                    correlation_id=correlation_id,
+                    reply_to=reply_to,
+                ),
                 exchange=exchange,
                 routing_key=routing_key,
-                **{
-                    "messaging.message.id": message_id,
-                    "messaging.message.conversation_id": correlation_id,
-                    "messaging.message.body.size": len(payload),
-                },
-            ):
-                await self._publish(
-                    payload,
-                    build_properties(
-                        headers=traced,
-                        message_id=message_id,
-                        content_type=content_type,
-                        persistent=persistent,
-                        correlation_id=correlation_id,
-                        reply_to=reply_to,
-                    ),
-                    exchange=exchange,
-                    routing_key=routing_key,
-                    mandatory=mandatory,
-                )
-            return
-        properties = build_properties(
-            headers=headers,
+                mandatory=mandatory,
+            )
+
+    def _span(
+        self,
+        headers: Mapping[str, Any] | None,
+        exchange: str,
+        routing_key: str,
+        message_id: str | None,
+        correlation_id: str | None,
+        payload: bytes,
+    ) -> tuple[Mapping[str, Any] | None, contextlib.AbstractContextManager[object]]:
+        """The headers to publish and the span around the publish: with tracing on, a
+        producer span whose context is added to a copy of ``headers``."""
+        if self._tracing is None:
+            return headers, contextlib.nullcontext()
+        traced = dict(headers or {})
+        return traced, self._tracing.publish(
+            traced,
+            exchange=exchange,
+            routing_key=routing_key,
             message_id=message_id,
-            content_type=content_type,
-            persistent=persistent,
             correlation_id=correlation_id,
-            reply_to=reply_to,
-        )
-        await self._publish(
-            payload, properties, exchange=exchange, routing_key=routing_key, mandatory=mandatory
+            body_size=len(payload),
         )
 
     async def _publish(
@@ -340,19 +342,47 @@ class Publisher:
         """
         if not timeout > 0:
             raise ValueError(f"timeout must be > 0, not {timeout!r}")
+        correlation_id = correlation_id or uuid.uuid4().hex
+        payload = _body(body)
+        headers, span = self._span(
+            headers, exchange, routing_key, message_id, correlation_id, payload
+        )
+        with span:  # with tracing on, the span lasts the round trip, until the reply
+            return await self._request(
+                payload,
+                routing_key,
+                exchange,
+                timeout,
+                headers,
+                message_id,
+                content_type,
+                correlation_id,
+            )
+
+    async def _request(
+        self,
+        payload: bytes,
+        routing_key: str,
+        exchange: str,
+        timeout: float,  # noqa: ASYNC109 (the reply's)
+        headers: Mapping[str, Any] | None,
+        message_id: str | None,
+        content_type: str | None,
+        correlation_id: str,
+    ) -> Message:
         properties = build_properties(
             headers=headers,
             message_id=message_id,
             content_type=content_type,
             persistent=False,
-            correlation_id=correlation_id or uuid.uuid4().hex,
+            correlation_id=correlation_id,
         )
         source = self._source
         if not isinstance(source, PublishChannel):
             source = await source.wait(purpose=USER)
         return await request(
             await source.connection(),
-            _body(body),
+            payload,
             routing_key=routing_key,
             exchange=exchange,
             properties=properties,

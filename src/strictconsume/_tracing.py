@@ -158,7 +158,14 @@ class Tracing:
 
     @contextmanager
     def publish(
-        self, headers: MutableMapping[str, Any], *, exchange: str, routing_key: str, **extra: Any
+        self,
+        headers: MutableMapping[str, Any],
+        *,
+        exchange: str,
+        routing_key: str,
+        message_id: str | None,
+        correlation_id: str | None,
+        body_size: int,
     ) -> Iterator[Span]:
         """A producer span around a publish; its context is injected into ``headers``."""
         from opentelemetry import propagate, trace
@@ -168,10 +175,14 @@ class Tracing:
             "messaging.operation.type": "send",
             "messaging.operation.name": "publish",
             "messaging.destination.name": exchange,
+            "messaging.message.body.size": body_size,
         }
         if routing_key:
             attributes["messaging.rabbitmq.destination.routing_key"] = routing_key
-        attributes.update({k: v for k, v in extra.items() if v is not None})
+        if message_id is not None:
+            attributes["messaging.message.id"] = message_id
+        if correlation_id is not None:
+            attributes["messaging.message.conversation_id"] = correlation_id
         # the default exchange routes by queue name: name the span after the queue
         with self._tracer.start_as_current_span(
             f"publish {exchange or routing_key}",

@@ -302,3 +302,49 @@ async def test_publish_in_another_process_handling_retry_and_dlq_are_one_trace(
     text_about = [line for line in text.getvalue().splitlines() if message_id in line]
     assert len(text_about) == 4
     assert all(f"trace_id={trace_id} span_id=" in line for line in text_about)
+
+
+@pytest.mark.broker
+@pytest.mark.anyio
+async def test_publish_and_request_from_the_app_are_producer_spans_of_the_handling(
+    broker_url: str, provider: TracerProvider, exporter: InMemorySpanExporter
+) -> None:
+    queue = f"sc-otel-{uuid.uuid4().hex}"
+    oracle = Oracle(broker_url)
+    app = sc.App(url=broker_url, grace_period=1.0, tracing=provider)
+    handled = anyio.Event()
+
+    @app.consumer(queue, timeout=5.0)
+    async def handle(msg: sc.Message) -> str:
+        if msg.properties.reply_to is None:
+            handled.set()
+        return "pong"
+
+    try:
+        async with app.running(), app.publisher() as pub:
+            await pub.publish(b"ping", routing_key=queue, message_id="p-1")
+            with anyio.fail_after(10):
+                await handled.wait()
+            reply = await pub.request(b"ping", routing_key=queue, timeout=5.0)
+            assert reply.body == b"pong"
+    finally:
+        for name in (queue, f"{queue}.dlq"):
+            oracle.delete_now(name)
+    spans = exporter.get_finished_spans()
+    producers = [s for s in spans if s.kind is trace.SpanKind.PRODUCER]
+    consumers = [s for s in spans if s.kind is trace.SpanKind.CONSUMER]
+    assert [s.name for s in producers] == [f"publish {queue}"] * 2
+    assert [s.name for s in consumers] == [f"process {queue}"] * 2
+    for producer, consumer in zip(producers, consumers, strict=True):
+        assert consumer.parent is not None
+        assert _hex_ids(consumer)[0] == _hex_ids(producer)[0]
+        assert format(consumer.parent.span_id, "016x") == _hex_ids(producer)[1]
+        assert consumer.attributes is not None
+        assert consumer.attributes["strictconsume.outcome"] == "ack"
+    published, requested = producers
+    assert published.attributes is not None
+    assert published.attributes["messaging.message.id"] == "p-1"
+    assert requested.attributes is not None
+    assert "messaging.message.conversation_id" in requested.attributes
+    # the request's span lasts its round trip: it ends after the handling did
+    assert (requested.end_time or 0) >= (consumers[1].end_time or 0)
