@@ -28,10 +28,11 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 import strictconsume as sc
-from strictconsume._cli import JSONFormatter
+from strictconsume import TraceContextFilter, TraceContextFormatter
+from strictconsume._cli import JSONFormatter, configure_logging
 from strictconsume._copies import dead_letter_headers, retry_headers
 from strictconsume._outcome import Outcome, OutcomeKind
-from strictconsume._tracing import TraceContextFilter, TraceContextFormatter, resolve_tracing
+from strictconsume._tracing import resolve_tracing
 from strictconsume.amqp import Delivery, Properties
 
 from ..amqp.oracle import Oracle
@@ -172,6 +173,27 @@ def test_log_lines_carry_the_ids_of_the_current_span_text_and_json(
     outside, inside = (json.loads(line) for line in data.getvalue().splitlines())
     assert "trace_id" not in outside
     assert (inside["trace_id"], inside["span_id"]) == (trace_id, span_id)
+
+
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_the_command_lines_logging_writes_the_ids(
+    provider: TracerProvider, log_format: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        configure_logging("INFO", log_format)
+        with provider.get_tracer("t").start_as_current_span("s") as span:
+            logging.getLogger("tests.tracing.cli").info("inside")
+    finally:
+        root.handlers[:], root.level = saved[0], saved[1]
+    trace_id = format(span.get_span_context().trace_id, "032x")
+    span_id = format(span.get_span_context().span_id, "016x")
+    (line,) = capsys.readouterr().err.splitlines()
+    if log_format == "json":
+        assert (json.loads(line)["trace_id"], json.loads(line)["span_id"]) == (trace_id, span_id)
+    else:
+        assert line.endswith(f"tests.tracing.cli: inside trace_id={trace_id} span_id={span_id}")
 
 
 # -- against the broker ----------------------------------------------------------------
