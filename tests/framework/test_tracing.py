@@ -32,6 +32,7 @@ from strictconsume import TraceContextFilter, TraceContextFormatter
 from strictconsume._cli import JSONFormatter, configure_logging
 from strictconsume._copies import dead_letter_headers, retry_headers
 from strictconsume._outcome import Outcome, OutcomeKind
+from strictconsume._pipeline import build_pipeline
 from strictconsume._tracing import resolve_tracing
 from strictconsume.amqp import Delivery, Properties
 
@@ -136,6 +137,25 @@ def test_consumer_span_parent_link_attributes_and_outcome(
     assert copy["traceparent"] == f"00-{trace_id}-{span_id}-01"
     assert copy["tracestate"] == "vendor=1"
     assert copy["baggage"] == "tenant=acme"
+
+
+@pytest.mark.anyio
+async def test_a_def_handler_in_its_worker_thread_runs_inside_the_consumer_span(
+    provider: TracerProvider,
+) -> None:
+    tracing = resolve_tracing(provider)
+    assert tracing is not None
+    seen: list[int] = []
+
+    def handle(msg: sc.Message) -> None:
+        seen.append(trace.get_current_span().get_span_context().span_id)
+
+    pipeline = build_pipeline(sc.ConsumerSpec("orders", handle), tracing=tracing)
+    msg = _message()
+    with tracing.delivery(msg) as span:
+        await pipeline(msg)
+    assert pipeline.blocking
+    assert seen == [span.get_span_context().span_id]
 
 
 def test_no_span_current_no_trace_headers_on_copies() -> None:
