@@ -222,11 +222,14 @@ def delete(url: str, queue: str) -> None:
     conn.close()
 
 
-def app_rate(url: str, queue: str, variant: str, n: int, backend: str) -> tuple[float, float]:
+def app_rate(
+    url: str, queue: str, variant: str, n: int, backend: str, *, tracing: Any = False
+) -> tuple[float, float]:
     """Messages per second an App drains ``queue`` (holding ``n``) with ``variant``,
-    and the process's CPU microseconds per message meanwhile."""
+    and the process's CPU microseconds per message meanwhile. ``tracing``: the App's
+    (off unless given: see benchmarks/tracing.py)."""
     handler, middleware = VARIANTS[variant]
-    app = sc.App(url, prefetch=100)
+    app = sc.App(url, prefetch=100, tracing=tracing)
     count = 0
     done: anyio.Event | None = None
 
@@ -261,27 +264,30 @@ def app_rate(url: str, queue: str, variant: str, n: int, backend: str) -> tuple[
 # -- the run ----------------------------------------------------------------------------
 
 
-def ratios(figures: dict[str, list[float]], *, lower_is_better: bool) -> dict[str, Any]:
+def ratios(
+    figures: dict[str, list[float]], *, lower_is_better: bool, baseline: str = "plain"
+) -> dict[str, Any]:
     medians = {variant: statistics.median(values) for variant, values in figures.items()}
-    base = medians["plain"]
+    base = medians[baseline]
     return {
         variant: {
             "median": round(value, 1),
             "min": round(min(figures[variant]), 1),
             "max": round(max(figures[variant]), 1),
-            "ratio_to_plain": round(value / base if lower_is_better else base / value, 2),
+            f"ratio_to_{baseline}": round(value / base if lower_is_better else base / value, 2),
         }
         for variant, value in medians.items()
     }
 
 
 def show(title: str, result: dict[str, Any], *, decimals: int = 0) -> None:
-    print(f"   {title} (median [min-max]); cost as a ratio to plain", flush=True)
+    print(f"   {title} (median [min-max]); cost as a ratio to the first", flush=True)
     d = decimals
     for variant, row in result.items():
+        ratio = next(value for key, value in row.items() if key.startswith("ratio_to_"))
         print(
             f"     {variant:<20} {row['median']:>9.{d}f} [{row['min']:.{d}f}-{row['max']:.{d}f}]"
-            f"  x{row['ratio_to_plain']:.2f}"
+            f"  x{ratio:.2f}"
         )
 
 

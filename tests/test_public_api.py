@@ -54,6 +54,8 @@ FRAMEWORK_NAMES = {
     "RetryLater",
     "SettingsError",
     "StartupError",
+    "TraceContextFilter",
+    "TraceContextFormatter",
     "amqp",
     "consumer",
 }

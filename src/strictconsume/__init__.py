@@ -38,6 +38,8 @@ if _typing.TYPE_CHECKING:
     from ._retry import Retry as Retry
     from ._settings import SettingsError as SettingsError
     from ._supervisor import StartupError as StartupError
+    from ._tracing import TraceContextFilter as TraceContextFilter
+    from ._tracing import TraceContextFormatter as TraceContextFormatter
     from ._typed import InvalidBody as InvalidBody
 
 # The framework's names load on first use, so that ``import strictconsume.amqp`` (which
@@ -58,6 +60,8 @@ _FRAMEWORK: dict[str, str] = {
     "Retry": "._retry",
     "SettingsError": "._settings",
     "StartupError": "._supervisor",
+    "TraceContextFilter": "._tracing",
+    "TraceContextFormatter": "._tracing",
     "InvalidBody": "._typed",
 }
 

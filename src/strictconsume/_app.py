@@ -26,6 +26,7 @@ from ._reply import publishing_replier
 from ._settings import Settings, SettingsError, resolve_settings
 from ._shutdown import Shutdown
 from ._supervisor import StartupError, Supervisor
+from ._tracing import Tracing, resolve_tracing
 from ._versions import (
     consumer_timeout_argument,
     consumer_timeout_cancels,
@@ -35,6 +36,8 @@ from ._versions import (
 )
 
 if TYPE_CHECKING:
+    from opentelemetry.trace import TracerProvider
+
     from ._asgi import ASGIApp
     from ._http import HttpServer
     from .amqp import Connection
@@ -64,6 +67,9 @@ class App:
         backend, log_level, log_format: Used by ``python -m strictconsume``.
         middleware: Middleware around every handler of the App (outside each
             consumer's own), the first outermost; see :meth:`add_middleware`.
+        tracing: OpenTelemetry trace context (the ``otel`` extra; see README,
+            "Trace context"): None (the default) is on when a tracer provider is
+            set when the App starts, True on, False off; or the ``TracerProvider``.
 
     Every setting can also come from a settings file (``configure(config=...)``,
     ``--config`` or ``STRICTCONSUME_CONFIG``; see :mod:`._config`), which overrides the
@@ -86,6 +92,7 @@ class App:
         log_level: str | None = None,
         log_format: Literal["text", "json"] | None = None,
         middleware: Iterable[Middleware] = (),
+        tracing: bool | TracerProvider | None = None,
     ) -> None:
         self._code_settings: dict[str, Any] = {
             "urls": url,
@@ -113,6 +120,9 @@ class App:
         self._shutdown: Shutdown | None = None
         self._supervisor: Supervisor | None = None
         self._publishing = PublishChannelSlot()
+        self._tracing_setting = tracing
+        #: Resolved when the App starts (a provider may be set after it was made).
+        self._tracing: Tracing | None = None
         self._random = random_module.Random()
         self._grace_period: float | None = None
         self._fatal_error: BaseException | None = None
@@ -185,6 +195,7 @@ class App:
                 middleware=self._middleware,
                 reply=publishing_replier(self._publishing),
                 threads=spec.concurrency or spec.prefetch or prefetch,
+                tracing=self._tracing,
             )
             for spec in self._active_specs
         }
@@ -402,8 +413,9 @@ class App:
                         f"prefetch ({prefetch})"
                     )
             try:
+                self._tracing = resolve_tracing(self._tracing_setting)
                 pipelines = self._pipelines()
-            except TypeError as exc:
+            except (TypeError, RuntimeError) as exc:
                 raise StartupError(str(exc)) from exc
         except BaseException:
             self._running_specs, self._disabled = None, ()
@@ -615,7 +627,9 @@ class App:
         first of the App's URLs that accepts one.
         """
         if self._supervisor is not None:
-            yield Publisher(self._publishing)
+            yield Publisher(self._publishing, tracing=self._tracing)
             return
-        async with own_connection_publisher(self.settings.parameters) as publisher:
+        async with own_connection_publisher(
+            self.settings.parameters, tracing=resolve_tracing(self._tracing_setting)
+        ) as publisher:
             yield publisher

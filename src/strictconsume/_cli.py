@@ -28,6 +28,7 @@ from ._app import App
 from ._consumer import SPEC_ATTRIBUTE, ConsumerSpec
 from ._settings import SettingsError
 from ._supervisor import StartupError
+from ._tracing import TraceContextFilter, TraceContextFormatter
 
 __all__ = ["load_app", "main"]
 
@@ -213,6 +214,8 @@ class JSONFormatter(logging.Formatter):
         "outcome",
         "error",
         "delay",
+        "trace_id",  # while a span is current (see _tracing.TraceContextFilter)
+        "span_id",
     )
 
     def format(self, record: logging.LogRecord) -> str:
@@ -236,7 +239,10 @@ def configure_logging(level: str, log_format: str) -> None:
     if log_format == "json":
         handler.setFormatter(JSONFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+        handler.setFormatter(
+            TraceContextFormatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+        )
+    handler.addFilter(TraceContextFilter())  # trace and span ids, when a span is current
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

@@ -14,6 +14,7 @@ from ._message import (
     ORIGINAL_ROUTING_KEY_HEADER,
     Message,
 )
+from ._tracing import inject_current
 from .amqp import Headers, Properties
 
 if TYPE_CHECKING:
@@ -32,14 +33,17 @@ def _original_route(msg: Message) -> FieldTable:
 
 
 def retry_headers(msg: Message) -> FieldTable:
-    """The headers a retry copy of ``msg`` gets (over the original's)."""
-    return {ATTEMPT_HEADER: msg.attempt + 1, **_original_route(msg)}
+    """The headers a retry copy of ``msg`` gets (over the original's), with the trace
+    context of its consumer span when tracing is on (see :mod:`._tracing`)."""
+    headers: FieldTable = {ATTEMPT_HEADER: msg.attempt + 1, **_original_route(msg)}
+    inject_current(headers)
+    return headers
 
 
 def dead_letter_headers(msg: Message, outcome: Outcome) -> FieldTable:
     """The headers a dead-letter copy of ``msg`` gets: the reason, where and when."""
     now = datetime.datetime.now(datetime.UTC)
-    return {
+    headers: FieldTable = {
         "x-error-type": outcome.error_type,
         "x-error-message": outcome.error_message,
         "x-failed-queue": msg.queue,
@@ -47,6 +51,8 @@ def dead_letter_headers(msg: Message, outcome: Outcome) -> FieldTable:
         "x-failed-at": now.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
         **_original_route(msg),
     }
+    inject_current(headers)
+    return headers
 
 
 def copy_headers(original: FieldTable | None, headers: FieldTable) -> FieldTable:

@@ -483,6 +483,15 @@ class Dispatcher:
             self._on_outcome(self.queue, OutcomeKind.DEAD_LETTER, 0.0)
             state.ended()
             return
+        tracing = self.pipeline.tracing
+        if tracing is None:
+            await self._process(state, delivery, msg)
+        else:  # the consumer span, current for the call, the settlement and the logs
+            with tracing.delivery(msg):
+                await self._process(state, delivery, msg)
+
+    async def _process(self, state: _ChannelState, delivery: Delivery, msg: Message) -> None:
+        spec = self.spec
         self._on_message(msg)
         native = self._native
         started = native.current_time()
@@ -529,6 +538,8 @@ class Dispatcher:
     ) -> None:
         duration = self._native.current_time() - started
         self._on_outcome(self.queue, outcome.kind, duration)
+        if self.pipeline.tracing is not None:
+            self.pipeline.tracing.outcome(outcome, error)
         if outcome.kind is OutcomeKind.ACK or outcome.kind is OutcomeKind.CANCELLED:
             return
         if outcome.kind is OutcomeKind.RETRY:

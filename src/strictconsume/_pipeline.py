@@ -47,6 +47,7 @@ from ._typed import BodyDecoder, body_decoder
 
 if TYPE_CHECKING:
     from ._consumer import ConsumerSpec
+    from ._tracing import Tracing
 
 __all__ = ["Pipeline", "build_pipeline"]
 
@@ -258,7 +259,7 @@ class Pipeline:
     body, runs the middleware and the handler, publishes the reply (when the message
     has ``reply_to``) and returns what the handler returned."""
 
-    __slots__ = ("_call", "_reply", "blocking", "body", "name", "queue")
+    __slots__ = ("_call", "_reply", "blocking", "body", "name", "queue", "tracing")
 
     def __init__(
         self,
@@ -269,8 +270,12 @@ class Pipeline:
         blocking: bool,
         body: BodyDecoder | None,
         reply: Replier | None,
+        tracing: Tracing | None = None,
     ) -> None:
         self.name = name
+        #: The consumer span the dispatcher enters around the call and the
+        #: settlement (:mod:`._tracing`); None: tracing is off.
+        self.tracing = tracing
         self.queue = queue
         self.blocking = blocking
         #: The body's decoder, when the handler takes a typed body.
@@ -296,6 +301,7 @@ def build_pipeline(
     middleware: Sequence[Middleware] = (),
     reply: Replier | None = None,
     threads: int | None = None,
+    tracing: Tracing | None = None,
 ) -> Pipeline:
     """The pipeline of ``spec``'s handler.
 
@@ -304,6 +310,7 @@ def build_pipeline(
         reply: Publishes a reply; None: replies are not sent.
         threads: The most worker threads a blocking handler uses at once (default:
             the consumer's concurrency, else its prefetch, else 64).
+        tracing: The App's tracing (a consumer span per delivery); None: off.
 
     Raises:
         TypeError: the handler's signature or body type cannot be served.
@@ -322,4 +329,5 @@ def build_pipeline(
         blocking=blocking,
         body=body,
         reply=reply,
+        tracing=tracing,
     )

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from pamqp.common import FieldTable
 
     from ._message import Message
+    from ._tracing import Tracing
     from .amqp import Channel, Connection, ConnectionParameters
 
 __all__ = [
@@ -198,8 +199,12 @@ class Publisher:
     connection of its own.
     """
 
-    def __init__(self, source: PublishChannel | PublishChannelSlot) -> None:
+    def __init__(
+        self, source: PublishChannel | PublishChannelSlot, *, tracing: Tracing | None = None
+    ) -> None:
         self._source = source
+        #: A producer span per publish, its context in the headers (:mod:`._tracing`).
+        self._tracing = tracing
 
     async def publish(
         self,
@@ -238,14 +243,57 @@ class Publisher:
                 arrive (consumers then may see it twice).
         """
         payload = _body(body)
-        properties = build_properties(
-            headers=headers,
-            message_id=message_id,
-            content_type=content_type,
-            persistent=persistent,
-            correlation_id=correlation_id,
-            reply_to=reply_to,
+        headers, span = self._span(
+            headers, exchange, routing_key, message_id, correlation_id, payload
         )
+        with span:
+            await self._publish(
+                payload,
+                build_properties(
+                    headers=headers,
+                    message_id=message_id,
+                    content_type=content_type,
+                    persistent=persistent,
+                    correlation_id=correlation_id,
+                    reply_to=reply_to,
+                ),
+                exchange=exchange,
+                routing_key=routing_key,
+                mandatory=mandatory,
+            )
+
+    def _span(
+        self,
+        headers: Mapping[str, Any] | None,
+        exchange: str,
+        routing_key: str,
+        message_id: str | None,
+        correlation_id: str | None,
+        payload: bytes,
+    ) -> tuple[Mapping[str, Any] | None, contextlib.AbstractContextManager[object]]:
+        """The headers to publish and the span around the publish: with tracing on, a
+        producer span whose context is added to a copy of ``headers``."""
+        if self._tracing is None:
+            return headers, contextlib.nullcontext()
+        traced = dict(headers or {})
+        return traced, self._tracing.publish(
+            traced,
+            exchange=exchange,
+            routing_key=routing_key,
+            message_id=message_id,
+            correlation_id=correlation_id,
+            body_size=len(payload),
+        )
+
+    async def _publish(
+        self,
+        payload: bytes,
+        properties: Properties,
+        *,
+        exchange: str,
+        routing_key: str,
+        mandatory: bool,
+    ) -> None:
         source = self._source
         if isinstance(source, PublishChannel):
             await source.publish(
@@ -294,19 +342,47 @@ class Publisher:
         """
         if not timeout > 0:
             raise ValueError(f"timeout must be > 0, not {timeout!r}")
+        correlation_id = correlation_id or uuid.uuid4().hex
+        payload = _body(body)
+        headers, span = self._span(
+            headers, exchange, routing_key, message_id, correlation_id, payload
+        )
+        with span:  # with tracing on, the span lasts the round trip, until the reply
+            return await self._request(
+                payload,
+                routing_key,
+                exchange,
+                timeout,
+                headers,
+                message_id,
+                content_type,
+                correlation_id,
+            )
+
+    async def _request(
+        self,
+        payload: bytes,
+        routing_key: str,
+        exchange: str,
+        timeout: float,  # noqa: ASYNC109 (the reply's)
+        headers: Mapping[str, Any] | None,
+        message_id: str | None,
+        content_type: str | None,
+        correlation_id: str,
+    ) -> Message:
         properties = build_properties(
             headers=headers,
             message_id=message_id,
             content_type=content_type,
             persistent=False,
-            correlation_id=correlation_id or uuid.uuid4().hex,
+            correlation_id=correlation_id,
         )
         source = self._source
         if not isinstance(source, PublishChannel):
             source = await source.wait(purpose=USER)
         return await request(
             await source.connection(),
-            _body(body),
+            payload,
             routing_key=routing_key,
             exchange=exchange,
             properties=properties,
@@ -453,6 +529,8 @@ async def connect_first(
 @contextlib.asynccontextmanager
 async def own_connection_publisher(
     parameters: Sequence[str | ConnectionParameters],
+    *,
+    tracing: Tracing | None = None,
 ) -> AsyncIterator[Publisher]:
     """A Publisher with a connection of its own (used when the App is not running),
     to the first of ``parameters`` (the App's URLs) that accepts a connection.
@@ -465,6 +543,6 @@ async def own_connection_publisher(
         async with anyio.create_task_group() as tg:
             await tg.start(channel.run, conn)
             try:
-                yield Publisher(channel)
+                yield Publisher(channel, tracing=tracing)
             finally:
                 tg.cancel_scope.cancel()
