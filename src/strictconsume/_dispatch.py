@@ -46,7 +46,13 @@ from ._native import HandlerGroup, Native
 from ._outcome import Outcome, OutcomeKind, decide, error_type
 from ._publisher import COPIES
 from ._retry import AD_HOC_LEASE_RENEWAL, dead_letter_queue_name, retry_queue_name
-from ._topology import TopologyError, dead_letter_arguments, declare_consumer, retry_arguments
+from ._topology import (
+    TopologyError,
+    dead_letter_arguments,
+    declare_consumer,
+    declared_durable,
+    retry_arguments,
+)
 from ._versions import Version, consumer_timeout_argument, consumer_timeout_cancels
 from .amqp import (
     AMQPError,
@@ -837,7 +843,7 @@ class Dispatcher:
             now = anyio.current_time()
             if now - self._leases.get(queue, -math.inf) >= AD_HOC_LEASE_RENEWAL:
                 await self._publishing.declare_queue(
-                    queue, arguments, durable=self.spec.durable, purpose=COPIES
+                    queue, arguments, durable=declared_durable(self.spec, arguments), purpose=COPIES
                 )
                 self._leases[queue] = now
         await self._publish_copy(msg, queue, arguments, retry_headers(msg))
@@ -862,7 +868,7 @@ class Dispatcher:
             await publish()
         except MessageReturned:
             await publishing.declare_queue(
-                queue, arguments, durable=self.spec.durable, purpose=COPIES
+                queue, arguments, durable=declared_durable(self.spec, arguments), purpose=COPIES
             )
             await publish()
 
