@@ -119,16 +119,16 @@ def retry_arguments(spec: ConsumerSpec, delay: float) -> FieldTable:
 
 
 def retry_queue_mismatch(name: str, queue: str) -> str:
-    """What to do when the retry queue ``name`` exists with other arguments: most
-    likely a classic queue an earlier version declared. Its copies go back to
-    ``queue`` on their own once nothing publishes to it, so it can then be deleted
-    empty, losing nothing."""
+    """What to do when the retry queue ``name`` exists with other arguments (an
+    earlier version declared retry queues as classic queues). It holds copies on
+    their way back to ``queue``, which it still moves there once nothing publishes
+    to it: deleted empty, it loses nothing."""
     return (
-        "Retry queues are quorum queues with at-least-once dead-lettering (earlier "
-        "versions of strictconsume declared classic ones, whose hop back to "
-        f"{queue!r} could drop a copy). Stop every consumer of {queue!r}, wait for "
-        f"the copies in it to go back to {queue!r} (its delay at most), delete it "
-        f"while empty with `rabbitmqctl delete_queue {name} --if-empty`, and start again"
+        f"It holds retried copies on their way back to {queue!r}: stop every consumer "
+        f"of {queue!r}, wait for them to go back (its delay at most), delete it while "
+        f"empty with `rabbitmqctl delete_queue {name} --if-empty`, and start again "
+        "(retry queues are quorum queues with at-least-once dead-lettering; earlier "
+        "versions of strictconsume declared classic ones)"
     )
 
 
