@@ -7,7 +7,9 @@ For a consumer of queue ``q`` (section 3 of the design):
   own (an expired message, a length limit, a quorum delivery limit) lands in ``q.dlq``;
 - ``q.retry.<ms>`` for each delay holds a retried copy for ``<ms>`` milliseconds
   (``x-message-ttl``), then the broker dead-letters it back to ``q`` through the
-  default exchange (``x-dead-letter-routing-key=q``). No plugin is needed;
+  default exchange (``x-dead-letter-routing-key=q``). No plugin is needed. It is a
+  quorum queue with at-least-once dead-lettering for every consumer (see
+  :mod:`._topology`), so a ``q`` that refuses the copy delays it instead of losing it;
 - ``q.dlq`` holds what will not be retried, with the reason in ``x-error-*`` headers.
 
 The set of retry queues is bounded. ``RetryLater(delay=d)`` with a ``d`` the policy

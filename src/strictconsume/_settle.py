@@ -23,7 +23,7 @@ from ._copies import copy_properties, dead_letter_headers, retry_headers
 from ._outcome import Outcome, OutcomeKind, error_type
 from ._publisher import COPIES
 from ._retry import AD_HOC_LEASE_RENEWAL, dead_letter_queue_name, retry_queue_name
-from ._topology import dead_letter_arguments, retry_arguments
+from ._topology import dead_letter_arguments, declared_durable, retry_arguments
 from .amqp import AMQPError, ChannelClosed, ConnectionLost, MessageReturned
 
 if TYPE_CHECKING:
@@ -145,7 +145,7 @@ class Settlement:
             now = anyio.current_time()
             if now - self.leases.get(queue, -math.inf) >= AD_HOC_LEASE_RENEWAL:
                 await self.publishing.declare_queue(
-                    queue, arguments, durable=self.spec.durable, purpose=COPIES
+                    queue, arguments, durable=declared_durable(self.spec, arguments), purpose=COPIES
                 )
                 self.leases[queue] = now
         await self._publish_copy(msg, queue, arguments, retry_headers(msg))
@@ -170,7 +170,7 @@ class Settlement:
             await publish()
         except MessageReturned:
             await publishing.declare_queue(
-                queue, arguments, durable=self.spec.durable, purpose=COPIES
+                queue, arguments, durable=declared_durable(self.spec, arguments), purpose=COPIES
             )
             await publish()
 

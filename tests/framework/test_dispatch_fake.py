@@ -635,6 +635,9 @@ async def test_retry_delay_outside_the_policy_declares_its_retry_queue(
                 "x-dead-letter-exchange": "",
                 "x-dead-letter-routing-key": "orders",
                 "x-expires": 2500 + 7_200_000,
+                "x-queue-type": "quorum",
+                "x-dead-letter-strategy": "at-least-once",
+                "x-overflow": "reject-publish",
             },
         )
         await broker.send(PUBLISH_CHANNEL, commands.Queue.DeclareOk("orders.retry.2500", 0, 0))

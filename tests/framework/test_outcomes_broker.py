@@ -321,9 +321,8 @@ async def test_exception_is_retried_then_dead_lettered(
     async with app.running():
         # the retry queues exist from the start, with their TTL and dead-lettering back
         for ms in (200, 400):
-            arguments = retry_arguments(queue, ms)
-            if queue_type == "quorum":  # quorum too, handing back at least once
-                arguments.update(QUORUM_RETRY_ARGUMENTS)
+            # quorum queues for every consumer, handing back at least once
+            arguments = {**retry_arguments(queue, ms), **QUORUM_RETRY_ARGUMENTS}
             assert await oracle.queue_exists(f"{queue}.retry.{ms}")
             assert await pk.has_arguments(f"{queue}.retry.{ms}", arguments)
             wrong_ttl = {**arguments, "x-message-ttl": ms + 1}
@@ -386,7 +385,8 @@ async def test_retry_later_with_own_delay(
         assert await oracle.queue_exists(f"{queue}.retry.300")
         # An ad-hoc retry queue (0.3 s is one of the ad-hoc steps) expires when unused.
         assert await pk.has_arguments(
-            f"{queue}.retry.300", {**retry_arguments(queue, 300), "x-expires": 300 + 7_200_000}
+            f"{queue}.retry.300",
+            {**retry_arguments(queue, 300), **QUORUM_RETRY_ARGUMENTS, "x-expires": 300 + 7_200_000},
         )
 
     assert attempts == [1, 2]
@@ -685,6 +685,17 @@ def _chain(exc: BaseException) -> Iterator[BaseException]:
         current = current.__cause__ or current.__context__
 
 
+def _never_handling_app(broker_url: str, queue: str) -> sc.App:
+    """An App with one consumer of ``queue`` (retry after 0.2 s) that must never run."""
+    app = sc.App(url=broker_url, grace_period=GRACE)
+
+    @app.consumer(queue, retry=sc.Retry(delays=(0.2,)), timeout=5.0)
+    async def handle(msg: sc.Message) -> None:
+        raise AssertionError("never called")
+
+    return app
+
+
 async def _start_fails(app: sc.App) -> sc.StartupError:
     handled: list[bytes] = []
     with anyio.fail_after(10), pytest.raises(sc.StartupError) as info:
@@ -744,19 +755,32 @@ async def test_topology_mismatch_is_a_startup_error(
     # the queue exists, durable as the App wants it, but without the dead-letter arguments
     await pk.declare_durable(queue, None)
     await oracle.publish(queue, b"already there")
-    app = sc.App(url=broker_url, grace_period=GRACE)
-
-    @app.consumer(queue, retry=sc.Retry(delays=(0.2,)), timeout=5.0)
-    async def handle(msg: sc.Message) -> None:
-        raise AssertionError("never called")
-
-    error = await _start_fails(app)
+    error = await _start_fails(_never_handling_app(broker_url, queue))
     assert queue in str(error), str(error)
     assert "x-dead-letter" in str(error), str(error)
     # the queue and its message were left alone
     assert await oracle.message_count(queue) == 1
     assert await pk.has_arguments(queue, {})
     assert await oracle.consumer_count(queue) == 0
+
+
+@pytest.mark.usefixtures("no_env_url")
+async def test_a_classic_retry_queue_of_an_earlier_version_is_a_startup_error_with_the_way_out(
+    broker_url: str, oracle: Oracle, pk: Pika, names: Names
+) -> None:
+    """An earlier version declared retry queues as classic queues; retry queues are
+    quorum queues now. The start-up error names the queue and the command that
+    deletes it once its copies have gone back, and leaves the copy where it is."""
+    queue = names.queue()
+    old_retry = f"{queue}.retry.200"
+    await pk.declare_durable(old_retry, retry_arguments(queue, 200))
+    await oracle.publish(old_retry, b"a copy on its way back")
+    error = await _start_fails(_never_handling_app(broker_url, queue))
+    assert f"the retry queue {old_retry!r} exists on the broker" in str(error), str(error)
+    assert f"rabbitmqctl delete_queue {old_retry} --if-empty" in str(error), str(error)
+    # nothing was deleted: the copy goes back to the queue as it always did
+    assert await pk.has_arguments(old_retry, retry_arguments(queue, 200))
+    await oracle.delete(old_retry)
 
 
 # -- 12. app.publisher() ----------------------------------------------------------------

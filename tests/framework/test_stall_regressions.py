@@ -17,6 +17,8 @@ Each test fails on the code before its fix (named in the commit that adds it):
    publisher outside a running App tries every URL.
 4. a publish issued while the publishing channel is reopened after a 404 gets the
    new channel instead of closing it;
+8. a retried copy that a full classic queue refuses when its delay is over is kept
+   until the queue has room (real broker, pika as the oracle).
 
 Timing runs on trio's autojump clock and asserts virtual times; what the broker
 does is pinned against the scripted fake broker of ``tests/amqp/fake_broker.py``.
@@ -45,6 +47,8 @@ from strictconsume.amqp._channel import CALL_TIMEOUT
 
 from ..amqp.fake_broker import ClientClosed, FakeBroker, pair
 from ..amqp.oracle import Oracle
+from ..conftest import dev_broker
+from .polling import wait_until
 from .test_dispatch_fake import (
     CLEAN_SHUTDOWN,
     FIRST_CONSUMER_CHANNEL,
@@ -586,3 +590,70 @@ async def test_a_publisher_outside_a_running_app_tries_every_url(
         assert await oracle.message_count(queue) == 1
     finally:
         await oracle.delete(queue)
+
+
+# -- 8. a classic consumer's retry hop is at-least-once ----------------------------------------
+
+
+#: RabbitMQ's default ``dead_letter_worker_publisher_confirm_timeout`` (ms, 3.10 to 4.3).
+#: The test sets it back, never unsets it: a quorum queue's dead-letter worker reads
+#: it without a default, and crashes on start without it.
+DEAD_LETTER_RETRY_DEFAULT = 180_000
+
+
+def set_dead_letter_retry(ms: int) -> None:
+    key = "dead_letter_worker_publisher_confirm_timeout"
+    dev_broker("ctl", "eval", f"application:set_env(rabbit, {key}, {ms}).")
+
+
+@pytest.mark.broker
+async def test_a_retry_refused_by_a_full_classic_queue_waits_until_it_has_room(
+    anyio_backend: Any, broker_url: str, broker_ctl: None
+) -> None:
+    """A classic queue with ``x-max-length=1`` and ``x-overflow=reject-publish`` is
+    full when a retried copy's delay is over: the broker's dead-lettering back to it
+    is refused. From a classic retry queue (at-most-once) the copy was dropped: lost.
+    From a quorum retry queue with at-least-once dead-lettering it is kept, and
+    reaches the queue once there is room. (The broker tries a refused copy again after
+    ``dead_letter_worker_publisher_confirm_timeout``, 3 min by default: this test
+    sets it to 1 s on the private broker, before the retry queue's worker starts.)"""
+    oracle = Oracle(broker_url)
+    queue = f"sc-full-{uuid.uuid4().hex}"
+    retry_queue = f"{queue}.retry.3000"
+    seen: list[tuple[bytes, int]] = []
+    await anyio.to_thread.run_sync(set_dead_letter_retry, 1000)
+    try:
+        app = sc.App(url=broker_url, grace_period=2.0)
+
+        @app.consumer(
+            queue,
+            retry=sc.Retry(delays=(3.0,)),
+            timeout=5.0,
+            arguments={"x-max-length": 1, "x-overflow": "reject-publish"},
+        )
+        async def handle(msg: sc.Message) -> None:
+            seen.append((msg.body, msg.attempt))
+            if msg.body == b"m" and msg.attempt == 1:
+                raise ValueError("fails once")
+
+        async def copy_waiting() -> bool:
+            return await oracle.message_count(retry_queue) == 1
+
+        async with app.running():
+            await oracle.publish(queue, b"m")
+            await wait_until(copy_waiting, within=2.5, what="the copy in the retry queue")
+        # Nobody consumes now: the filler makes the queue full before the copy expires.
+        await oracle.publish(queue, b"filler")
+        await anyio.sleep(4.0)  # the copy's 3 s are over: the full queue refused it
+        assert await oracle.message_count(queue) == 1
+
+        async def all_seen() -> bool:
+            return len(seen) == 3
+
+        async with app.running():
+            await wait_until(all_seen, within=20, what="the retried copy handled")
+    finally:
+        await anyio.to_thread.run_sync(set_dead_letter_retry, DEAD_LETTER_RETRY_DEFAULT)
+        for name in (queue, f"{queue}.dlq", retry_queue):
+            await oracle.delete(name)
+    assert seen == [(b"m", 1), (b"filler", 1), (b"m", 2)]

@@ -996,7 +996,12 @@ async def test_run_handler_decides_as_the_app(
     [(_, later)] = by_body[b"later"]
     assert later.destination == f"{queue}.retry.{later_ms}"
     assert later.delay == LATER_DELAY
-    assert retried[0].headers == plain(later.headers)
+    # Retry queues are quorum queues (for a classic consumer too): a basic.get from
+    # one carries the broker's own x-delivery-count 0 on RabbitMQ 3.10 (none from
+    # 4.0), which the copy does not hold.
+    later_headers = dict(retried[0].headers or {})
+    assert later_headers.pop("x-delivery-count", 0) == 0
+    assert later_headers == plain(later.headers)
     assert retried[0].properties.message_id == "mid-later"
 
     # the dead letters: what pika reads in <q>.dlq is what run_handler predicted

@@ -17,7 +17,7 @@ import textwrap
 import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 from hypothesis import given, settings
@@ -51,7 +51,12 @@ from strictconsume._retry import (
     retry_queue_name,
 )
 from strictconsume._settings import DEFAULT_URL, Settings, resolve_settings
-from strictconsume._topology import queue_arguments, retry_arguments
+from strictconsume._topology import (
+    dead_letter_arguments,
+    declared_durable,
+    queue_arguments,
+    retry_arguments,
+)
 from strictconsume.amqp import Delivery, Properties
 
 PASSWORD = "Pw-unit-9QxZ-never-shown"
@@ -789,6 +794,31 @@ def test_retry_queue_names_and_arguments() -> None:
         "x-dead-letter-exchange": "",
         "x-dead-letter-routing-key": "orders",
     }
+
+
+@pytest.mark.parametrize("queue_type", ["classic", "quorum"])
+@pytest.mark.parametrize("durable", [True, False])
+def test_retry_queues_are_durable_quorum_queues_for_every_consumer(
+    queue_type: Literal["classic", "quorum"], durable: bool
+) -> None:
+    """The hop back from a retry queue is at-least-once only from a quorum queue, so
+    every consumer's retry queues are quorum queues, durable whatever the consumer's
+    ``durable`` (a quorum queue cannot be transient); its other queues follow it."""
+    if queue_type == "quorum" and not durable:
+        with pytest.raises(ValueError, match="quorum queues are always durable"):
+            ConsumerSpec("orders", _noop_handler, queue_type=queue_type, durable=durable)
+        return
+    spec = ConsumerSpec(
+        "orders", _noop_handler, retry=RETRY, queue_type=queue_type, durable=durable
+    )
+    for delay in (*RETRY.delays, 8.0):  # the policy's and an ad-hoc one
+        arguments = retry_arguments(spec, delay)
+        assert arguments["x-queue-type"] == "quorum"
+        assert arguments["x-dead-letter-strategy"] == "at-least-once"
+        assert arguments["x-overflow"] == "reject-publish"
+        assert declared_durable(spec, arguments)
+    assert declared_durable(spec, dead_letter_arguments(spec)) is durable
+    assert declared_durable(spec, queue_arguments(spec)) is durable
 
 
 def test_consumer_decorator_attaches_a_spec_and_returns_the_function() -> None:
