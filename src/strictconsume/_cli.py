@@ -25,8 +25,10 @@ import anyio
 from . import __version__
 from ._app import App
 from ._consumer import SPEC_ATTRIBUTE, ConsumerSpec
-from ._settings import SettingsError
+from ._settings import Settings, SettingsError
 from ._supervisor import StartupError
+from ._worker import INDEX_ENV, LINK_ENV, run_worker
+from ._workers import WorkerSet, worker_command
 
 __all__ = ["load_app", "main"]
 
@@ -97,6 +99,12 @@ def _parser() -> argparse.ArgumentParser:
         choices=("text", "json"),
         help="text lines, or one JSON object per line for log shippers "
         "(env STRICTCONSUME_LOG_FORMAT; text)",
+    )
+    parser.add_argument(
+        "--workers",
+        metavar="N",
+        help="run N worker processes of the App under one supervisor (auto: one per "
+        "CPU); --http then serves the whole set (env STRICTCONSUME_WORKERS; 1)",
     )
     parser.add_argument("--version", action="version", version=f"strictconsume {__version__}")
     return parser
@@ -220,6 +228,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             backend=args.backend,
             log_level=args.log_level,
             log_format=args.log_format,
+            workers=args.workers,
         )
         settings = app.settings
     except UsageError as exc:
@@ -230,6 +239,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"strictconsume: error: {exc}", file=sys.stderr)
         return EXIT_STARTUP
     configure_logging(settings.log_level, settings.log_format)
+    if os.environ.get(LINK_ENV) or settings.workers > 1:
+        return _run_workers(app, args, settings)
     logging.getLogger("strictconsume").info(
         "strictconsume %s on %s, broker %s",
         __version__,
@@ -244,3 +255,44 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:  # raised by a handler; the App stopped gracefully first
         return EXIT_INTERRUPTED
     return EXIT_OK
+
+
+def _run_workers(app: App, args: argparse.Namespace, settings: Settings) -> int:
+    """``--workers N``: the supervisor, or (``STRICTCONSUME_WORKER_LINK`` set) one of
+    its workers; see :mod:`strictconsume._workers`."""
+    link = os.environ.get(LINK_ENV)
+    if link:
+        app._code_settings["http"] = None  # the supervisor serves for the whole set
+        try:
+            anyio.run(
+                run_worker, app, link, int(os.environ.get(INDEX_ENV, "0")), backend=settings.backend
+            )
+        except StartupError as exc:
+            print(f"strictconsume: error: {exc}", file=sys.stderr)
+            return EXIT_STARTUP
+        except KeyboardInterrupt:
+            return EXIT_INTERRUPTED
+        return EXIT_OK
+    options = [f"--url={url}" for url in args.url or ()]
+    for name in ("prefetch", "grace_period", "backend", "log_level", "log_format"):
+        value = getattr(args, name)
+        if value is not None:
+            options.append(f"--{name.replace('_', '-')}={value}")
+    logging.getLogger("strictconsume").info(
+        "strictconsume %s: %d workers on %s, broker %s",
+        __version__,
+        settings.workers,
+        settings.backend,
+        ", ".join(settings.redacted_urls),
+    )
+    workers = WorkerSet(
+        worker_command(args.target, options),
+        settings.workers,
+        grace_period=settings.grace_period,
+        http=settings.http,
+    )
+    try:
+        return anyio.run(workers.run, backend=settings.backend)
+    except (OSError, ImportError) as exc:
+        print(f"strictconsume: error: {exc}", file=sys.stderr)
+        return EXIT_STARTUP

@@ -11,6 +11,7 @@ log_level          STRICTCONSUME_LOG_LEVEL          INFO
 log_format         STRICTCONSUME_LOG_FORMAT         text (or json)
 consumer_timeout   STRICTCONSUME_CONSUMER_TIMEOUT   1800.0 (the broker's, seconds)
 http               STRICTCONSUME_HTTP               not served (HOST:PORT)
+workers            STRICTCONSUME_WORKERS            1 (N processes; auto = CPUs)
 =================  ===============================  =========================
 
 Several URLs (the nodes of a cluster) are separated by commas or whitespace; the
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
@@ -88,6 +90,7 @@ class Settings:
     log_format: Literal["text", "json"] = "text"
     consumer_timeout: float = 1800.0
     http: str | None = None
+    workers: int = 1
 
     @property
     def parameters(self) -> tuple[ConnectionParameters, ...]:
@@ -102,7 +105,8 @@ class Settings:
             f"Settings(urls={self.redacted_urls!r}, prefetch={self.prefetch!r}, "
             f"grace_period={self.grace_period!r}, backend={self.backend!r}, "
             f"log_level={self.log_level!r}, log_format={self.log_format!r}, "
-            f"consumer_timeout={self.consumer_timeout!r}, http={self.http!r})"
+            f"consumer_timeout={self.consumer_timeout!r}, http={self.http!r}, "
+            f"workers={self.workers!r})"
         )
 
 
@@ -150,6 +154,12 @@ def _http_address(value: Any) -> str:
     return text
 
 
+def _workers(value: Any) -> int:
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return os.cpu_count() or 1
+    return _int(1, 1024)(value)
+
+
 def _url_setting(value: Any) -> tuple[str, ...]:
     urls = _urls(value)
     for url in urls:
@@ -166,6 +176,7 @@ _CONVERTERS: dict[str, Callable[[Any], Any]] = {
     "log_format": _choice("text", "json"),
     "consumer_timeout": _seconds,
     "http": _http_address,
+    "workers": _workers,
 }
 
 
