@@ -157,7 +157,10 @@ def _http_address(value: Any) -> str:
 def _workers(value: Any) -> int:
     if isinstance(value, str) and value.strip().lower() == "auto":
         return os.cpu_count() or 1
-    return _int(1, 1024)(value)
+    try:
+        return _int(1, 1024)(value)
+    except ValueError:
+        raise ValueError("must be a number of processes from 1 to 1024, or auto") from None
 
 
 def _url_setting(value: Any) -> tuple[str, ...]:

@@ -105,7 +105,11 @@ def merge(live: Iterable[str], retired: Iterable[str] = ()) -> list[Metric]:
             for family in text_string_to_metric_families(text):
                 if counters_only and family.type not in SUMMED_TYPES:
                     continue
-                families.setdefault(family.name, (family.documentation, family.type))
+                if not family.samples:  # the parser's stray family of a lone HELP line
+                    continue
+                known = families.get(family.name)
+                if known is None or known[1] == "unknown":
+                    families[family.name] = (family.documentation, family.type)
                 for sample in family.samples:
                     if counters_only and sample.name.endswith("_created"):
                         continue
@@ -223,10 +227,10 @@ class WorkerSet:
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(self._watch_signals)
                     tg.start_soon(listener.serve, self._linked)
+                    tg.start_soon(self._deadline)
                     async with anyio.create_task_group() as workers:
                         for worker in self.workers:
                             workers.start_soon(self._keep, worker)
-                        workers.start_soon(self._deadline)
                     tg.cancel_scope.cancel()
         finally:
             shutil.rmtree(self._directory, ignore_errors=True)
