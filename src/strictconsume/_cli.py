@@ -185,6 +185,7 @@ class JSONFormatter(logging.Formatter):
         "outcome",
         "error",
         "delay",
+        "worker",
     )
 
     def format(self, record: logging.LogRecord) -> str:
@@ -203,12 +204,21 @@ class JSONFormatter(logging.Formatter):
         return json.dumps(data, default=str)
 
 
-def configure_logging(level: str, log_format: str) -> None:
+def configure_logging(level: str, log_format: str, worker: int | None = None) -> None:
+    """Log to stderr; a worker of ``--workers`` says which it is on every line."""
     handler = logging.StreamHandler()
     if log_format == "json":
         handler.setFormatter(JSONFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+        name = "%(name)s" if worker is None else f"%(name)s[worker {worker}]"
+        handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)-7s {name}: %(message)s"))
+    if worker is not None:
+
+        def label(record: logging.LogRecord) -> bool:
+            record.worker = worker
+            return True
+
+        handler.addFilter(label)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
@@ -238,7 +248,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"strictconsume: error: {exc}", file=sys.stderr)
         return EXIT_STARTUP
-    configure_logging(settings.log_level, settings.log_format)
+    index = os.environ.get(INDEX_ENV) if os.environ.get(LINK_ENV) else None
+    configure_logging(
+        settings.log_level, settings.log_format, None if index is None else int(index)
+    )
     if os.environ.get(LINK_ENV) or settings.workers > 1:
         return _run_workers(app, args, settings)
     logging.getLogger("strictconsume").info(

@@ -15,6 +15,7 @@ the worker stops gracefully, as on SIGTERM: a worker never consumes on, unsuperv
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -48,7 +49,9 @@ async def run_worker(app: App, link: str, index: int) -> None:
 
     async def send(message: dict[str, Any]) -> None:
         async with lock:
-            await stream.send(json.dumps(message).encode() + b"\n")
+            # The supervisor gone: _answer sees the link end and stops the App.
+            with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
+                await stream.send(json.dumps(message).encode() + b"\n")
 
     error: BaseException | None = None
     async with stream, anyio.create_task_group() as tg:

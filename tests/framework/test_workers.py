@@ -121,6 +121,7 @@ def test_a_worker_killed_mid_load_loses_nothing_and_is_started_again(
     assert message_count(harness.url, f"{harness.queue}.dlq") == 0
     assert log.count("exited with code 0") == 2, log
     assert "every worker stopped cleanly" in log
+    assert "strictconsume[worker 0]: ready: consuming" in log, log
 
 
 @BACKENDS
@@ -204,3 +205,30 @@ def test_a_worker_that_cannot_start_stops_the_set(harness: Harness, backend: str
     assert "starting it again" not in log, log
     assert secret not in log
     assert "Traceback" not in log, log
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@BACKENDS
+def test_workers_stop_gracefully_when_their_supervisor_is_killed(
+    harness: Harness, backend: str
+) -> None:
+    consumer = harness.start(backend, "--workers", "2", "--grace-period", "5")
+    consumer.wait_for(lambda: consumer.log_count("ready: consuming") == 2, 20, "2 ready lines")
+    pids = [found[0] for found in _pids(consumer).values()]
+    assert len(pids) == 2
+    consumer.send(signal.SIGKILL)
+    consumer.wait_exit(5)
+    deadline = time.monotonic() + 15
+    while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    log = consumer.log()
+    assert not any(_alive(pid) for pid in pids), log
+    assert log.count("the supervisor of the workers is gone: shutting down") == 2, log
+    assert log.count("stopped after handling 0 message(s)") == 2, log
