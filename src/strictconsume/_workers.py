@@ -150,6 +150,8 @@ class Worker:
     link: anyio.abc.SocketStream | None = None
     ready: bool = False
     ever_ready: bool = False
+    #: The process now in the slot connected its link (before it consumes anything).
+    linked: bool = False
     restarts: int = 0
     exit_code: int | None = None
     last_metrics: str | None = None
@@ -289,7 +291,7 @@ class WorkerSet:
                 env=self._environment(worker),
                 start_new_session=True,
             )
-            worker.process = process
+            worker.process, worker.linked = process, False
             logger.info(
                 "worker %d started (pid %d)",
                 worker.index,
@@ -306,8 +308,10 @@ class WorkerSet:
                 self.retired = [render(merge([], [*self.retired, worker.last_metrics])).decode()]
                 worker.last_metrics = None
             if self.stopping.is_set():
-                worker.exit_code = code
-                log = logger.info if code == 0 else logger.error
+                # SIGTERM before the worker handled signals: it had consumed nothing.
+                unstarted = code == -signal.SIGTERM and not worker.linked
+                worker.exit_code = 0 if unstarted else code
+                log = logger.info if worker.exit_code == 0 else logger.error
                 log(
                     "worker %d (pid %d) %s",
                     worker.index,
@@ -357,7 +361,7 @@ class WorkerSet:
                 worker = self.workers[int(hello["hello"])]
                 if worker.process is None or worker.process.pid != hello["pid"]:
                     return  # a worker that was replaced meanwhile
-                worker.link, worker.answers = stream, (send, receive)
+                worker.link, worker.answers, worker.linked = stream, (send, receive), True
                 while True:
                     message = json.loads(await lines.receive_until(b"\n", MAX_LINE))
                     if "ready" in message:

@@ -232,3 +232,53 @@ def test_workers_stop_gracefully_when_their_supervisor_is_killed(
     assert not any(_alive(pid) for pid in pids), log
     assert log.count("the supervisor of the workers is gone: shutting down") == 2, log
     assert log.count("stopped after handling 0 message(s)") == 2, log
+
+
+@BACKENDS
+def test_a_second_signal_to_the_supervisor_skips_the_workers_grace_period(
+    harness: Harness, backend: str
+) -> None:
+    consumer = harness.start(
+        backend,
+        "--workers",
+        "2",
+        "--grace-period",
+        "30",
+        env={"PROCESS_APP_MARK_STARTED": "1"},
+    )
+    consumer.wait_for(lambda: consumer.log_count("ready: consuming") == 2, 20, "2 ready lines")
+    slow = [f"slow-{i:02d}" for i in range(10)]
+    publish(harness.url, harness.queue, [{"id": i, "sleep": 60} for i in slow])
+    consumer.wait_for(lambda: len(consumer.started()) == 10, 10, "10 handlers started")
+    assert len(list(consumer.record_dir.glob("*.started"))) == 2  # both workers hold some
+    consumer.send(signal.SIGINT)
+    consumer.wait_for(
+        lambda: consumer.log_count("handler(s) still running") == 2, 5, "both workers draining"
+    )
+    second = consumer.send(signal.SIGINT)
+    code, exited = consumer.wait_exit(10)
+    log = consumer.log()
+    print(f"[{backend}] exit {code} {exited - second:.2f} s after the second SIGINT")
+    assert code == 0, log
+    assert exited - second < 5
+    assert consumer.finished() == []
+    assert settled_count(harness.url, harness.queue, 10) == 10, log
+    assert sorted(i for i, _ in drain(harness.url, harness.queue)) == slow
+    assert log.count("SIGTERM again: skipping the grace period") == 2, log
+
+
+def test_an_http_address_in_use_stops_the_supervisor_with_one_line(harness: Harness) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        consumer = harness.start("trio", "--workers", "2", "--http", f"127.0.0.1:{port}")
+        code, _ = consumer.wait_exit(15)
+    log = consumer.log()
+    errors = [line for line in log.splitlines() if line.startswith("strictconsume: error:")]
+    assert code == 1, log
+    assert len(errors) == 1, log
+    assert f"cannot serve health and metrics on 127.0.0.1:{port}" in errors[0]
+    assert "worker 0 started" not in log, log
