@@ -160,6 +160,10 @@ def consume_strictconsume(
             assert done is not None
             done.set()
 
+    # The App resolves annotations in the module's globals, where the local import
+    # ``sc`` is not: give it the class itself.
+    handle.__annotations__["msg"] = sc.Message
+
     async def main() -> dict[str, Any]:
         nonlocal done
         done = anyio.Event()

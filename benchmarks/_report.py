@@ -152,9 +152,41 @@ def markdown(doc: dict[str, Any]) -> str:
                 for r in latency
             ],
         )
+    out += _workers_section(doc.get("workers") or [])
     if meta["notes"]:
         out += ["", "Notes:", "", *(f"- {note}" for note in meta["notes"])]
     return "\n".join(out) + "\n"
+
+
+def _workers_section(rows: list[dict[str, Any]]) -> list[str]:
+    """``--workers 2`` against one worker (``_workers.py``), when measured."""
+    if len(rows) < 2:
+        return []
+    by = {r["workers"]: r for r in rows}
+    out = [
+        "",
+        "## `python -m strictconsume --workers N`",
+        "",
+        f"The same App, `noop` handler, prefetch {rows[0]['prefetch']} per worker, "
+        f"N {rows[0]['messages']}, from the first handler start to the last handler end "
+        "in any worker. Messages per second, median (min-max):",
+        "",
+    ]
+    out += _table(
+        ["workers", "msg/s", "second worker later by (s)"],
+        [
+            [
+                str(r["workers"]),
+                f"{_rate(r['msgs_per_s'])} ({_rate(r['min'])}-{_rate(r['max'])})",
+                f"{r['skew_s']:.2f}" if r["workers"] > 1 else "-",
+            ]
+            for r in rows
+        ],
+    )
+    if 1 in by and 2 in by:
+        ratio = by[2]["msgs_per_s"] / by[1]["msgs_per_s"]
+        out += ["", f"Ratio `--workers 2` / one worker: **{ratio:.2f}x**."]
+    return out
 
 
 def plot(doc: dict[str, Any], stem: Path) -> list[Path]:

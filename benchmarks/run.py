@@ -146,6 +146,7 @@ from _consumers import (
     publish_stamp,
 )
 from _report import CEILING, ideal, markdown, plot
+from _workers import workers_run
 
 T = TypeVar("T")
 
@@ -228,6 +229,10 @@ def declare(url: str, queue: str) -> None:
     @app.consumer(queue, timeout=HANDLER_TIMEOUT)
     async def handle(msg: sc.Message) -> None:
         raise AssertionError("the queue was to be empty")
+
+    # The App resolves annotations in the module's globals, where the local import
+    # ``sc`` is not: give it the class itself.
+    handle.__annotations__["msg"] = sc.Message
 
     async def main() -> None:
         async with app.running():
@@ -526,6 +531,10 @@ def main() -> None:
     parser.add_argument("--latency-rate", type=float, default=200.0)
     parser.add_argument("--latency-seconds", type=float, help="per run (default 5; 2 quick)")
     parser.add_argument("--latency-prefetch", type=int, default=100)
+    parser.add_argument(
+        "--no-workers", action="store_true", help="skip --workers 2 against one worker"
+    )
+    parser.add_argument("--workers-prefetch", type=int, default=100)
     parser.add_argument("--node-name", help="dev-broker node (default: dev-broker's default)")
     parser.add_argument("--node-port", type=int, help="its AMQP port")
     parser.add_argument("--out", type=Path, default=RESULTS, help="output directory")
@@ -570,6 +579,14 @@ def main() -> None:
         shift = rep % max(1, len(latency_libraries))
         latency_plan += latency_libraries[shift:] + latency_libraries[:shift]
 
+    # --workers 2 against one worker: noop, interleaved with each other every repetition.
+    workers_plan = (
+        []
+        if ns.no_workers
+        else [w for rep in range(repeat) for w in ((1, 2) if rep % 2 == 0 else (2, 1))]
+    )
+    workers_rates: dict[int, list[float]] = {}
+    workers_skew: dict[int, list[float]] = {}
     rates: dict[tuple[str, str, int], list[float]] = {}
     cpu: dict[tuple[str, str, int], list[float]] = {}
     teardown: dict[tuple[str, str, int], list[float]] = {}
@@ -578,7 +595,7 @@ def main() -> None:
     delays: dict[str, list[float]] = {}
     latency_n: dict[str, int] = {}
     began = time.monotonic()
-    progress = Progress(len(plan) + len(latency_plan))
+    progress = Progress(len(plan) + len(latency_plan) + len(workers_plan))
     try:
         retried("declaring the queue", functools.partial(declare, url, cfg.queue), cfg.notes)
         with progress.shown():
@@ -600,6 +617,23 @@ def main() -> None:
                 progress.finished(
                     f"{workload:9} prefetch {prefetch:4} {lib:21} {rate:9,.0f} msg/s "
                     f"(N {n}) {cpu[key][-1]:4.0f} us CPU/msg {data['peak_rss_mb']:5.1f} MB"
+                )
+            for count in workers_plan:
+                progress.starting(f"--workers {count}")
+                n = cfg.messages
+                retried("filling", functools.partial(fill, url, cfg.queue, n), cfg.notes)
+                data = retried(
+                    f"--workers {count}",
+                    functools.partial(workers_run, url, cfg.queue, count, ns.workers_prefetch, n),
+                    cfg.notes,
+                )
+                check_drained(cfg)
+                rate = n / data["elapsed"]
+                workers_rates.setdefault(count, []).append(rate)
+                workers_skew.setdefault(count, []).append(data["skew_s"])
+                progress.finished(
+                    f"noop      prefetch {ns.workers_prefetch:4} --workers {count:<11} "
+                    f"{rate:9,.0f} msg/s (N {n}, second worker {data['skew_s']:.2f} s later)"
                 )
             for lib in latency_plan:
                 progress.starting(f"latency: {lib}")
@@ -690,6 +724,19 @@ def main() -> None:
         },
         "throughput": rows,
         "latency": latency_rows,
+        "workers": [
+            {
+                "workers": count,
+                "prefetch": ns.workers_prefetch,
+                "messages": cfg.messages,
+                "msgs_per_s": statistics.median(found),
+                "min": min(found),
+                "max": max(found),
+                "runs": found,
+                "skew_s": statistics.median(workers_skew[count]),
+            }
+            for count, found in sorted(workers_rates.items())
+        ],
     }
     stem.parent.mkdir(parents=True, exist_ok=True)
     json_path = stem.with_name(stem.name + ".json")

@@ -104,6 +104,7 @@ class App:
             "backend": backend,
             "log_level": log_level,
             "log_format": log_format,
+            "workers": None,  # the command line's (python -m strictconsume --workers)
         }
         resolve_settings(self._code_settings, {})  # fail early on a bad argument
         self._overrides: dict[str, Any] = {}

@@ -22,7 +22,16 @@ if TYPE_CHECKING:
 
     from ._metrics import Metrics
 
-__all__ = ["MISSING_EXTRA", "ASGIApp", "AppStatus", "asgi_app", "render_metrics"]
+__all__ = [
+    "MISSING_EXTRA",
+    "NOT_FOUND",
+    "ASGIApp",
+    "AppStatus",
+    "asgi_app",
+    "health",
+    "render_metrics",
+    "routes_app",
+]
 
 MISSING_EXTRA = (
     "serving health and metrics over HTTP needs hypercorn and prometheus-client: "
@@ -127,9 +136,46 @@ def render_metrics(registry: CollectorRegistry) -> tuple[bytes, str]:
     return generate_latest(registry), CONTENT_TYPE_PLAIN_0_0_4
 
 
+Route = Callable[[str], Awaitable[tuple[int, bytes, str]]]
+
+
+def health(status: int, **details: Any) -> tuple[int, bytes, str]:
+    """A health endpoint's answer: JSON with ``status`` ok or unavailable."""
+    body = json.dumps({"status": "ok" if status == 200 else "unavailable", **details})
+    return status, body.encode() + b"\n", "application/json"
+
+
+NOT_FOUND = (404, b"not found: try /health/live, /health/ready or /metrics\n", "text/plain")
+
+
 def asgi_app(app: AppStatus, metrics: Metrics) -> ASGIApp:
     """The ASGI app of :meth:`App.asgi`."""
     registry = _registry(metrics)
+
+    async def route(path: str) -> tuple[int, bytes, str]:
+        if path == "/health/live":
+            return health(200 if app.is_running else 503, running=app.is_running)
+        if path == "/health/ready":
+            return health(
+                200 if app.ready else 503,
+                connected=app.connected,
+                consumers={
+                    queue: "subscribed" if subscribed else "not subscribed"
+                    for queue, subscribed in app.subscriptions.items()
+                }
+                | dict.fromkeys(app.disabled, "disabled"),
+            )
+        if path == "/metrics":
+            body, content_type = render_metrics(registry)
+            return 200, body, content_type
+        return NOT_FOUND
+
+    return routes_app(route)
+
+
+def routes_app(route: Route) -> ASGIApp:
+    """An ASGI app answering GET and HEAD with ``route(path)`` (also used by the
+    supervisor of ``--workers``, whose routes read its workers)."""
 
     async def respond(
         send: Send, status: int, body: bytes, content_type: str, *, head: bool = False
@@ -146,28 +192,6 @@ def asgi_app(app: AppStatus, metrics: Metrics) -> ASGIApp:
             }
         )
         await send({"type": "http.response.body", "body": b"" if head else body})
-
-    def health(status: int, **details: Any) -> tuple[int, bytes, str]:
-        body = json.dumps({"status": "ok" if status == 200 else "unavailable", **details})
-        return status, body.encode() + b"\n", "application/json"
-
-    def route(path: str) -> tuple[int, bytes, str]:
-        if path == "/health/live":
-            return health(200 if app.is_running else 503, running=app.is_running)
-        if path == "/health/ready":
-            return health(
-                200 if app.ready else 503,
-                connected=app.connected,
-                consumers={
-                    queue: "subscribed" if subscribed else "not subscribed"
-                    for queue, subscribed in app.subscriptions.items()
-                }
-                | dict.fromkeys(app.disabled, "disabled"),
-            )
-        if path == "/metrics":
-            body, content_type = render_metrics(registry)
-            return 200, body, content_type
-        return 404, b"not found: try /health/live, /health/ready or /metrics\n", "text/plain"
 
     async def asgi(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -189,7 +213,7 @@ def asgi_app(app: AppStatus, metrics: Metrics) -> ASGIApp:
         root = scope.get("root_path", "")
         if root and path.startswith(root):
             path = path[len(root) :] or "/"
-        status, body, content_type = route(path.rstrip("/") or "/")
+        status, body, content_type = await route(path.rstrip("/") or "/")
         await respond(send, status, body, content_type, head=method == "HEAD")
 
     return asgi

@@ -26,9 +26,11 @@ import anyio
 from . import __version__
 from ._app import App
 from ._consumer import SPEC_ATTRIBUTE, ConsumerSpec
-from ._settings import SettingsError
+from ._settings import Settings, SettingsError
 from ._supervisor import StartupError
 from ._tracing import TraceContextFilter, TraceContextFormatter
+from ._worker import INDEX_ENV, LINK_ENV, run_worker
+from ._workers import WorkerSet, worker_command
 
 __all__ = ["load_app", "main"]
 
@@ -135,6 +137,12 @@ def _parser() -> argparse.ArgumentParser:
         help="print the effective settings of the App and of every consumer, and where "
         "each came from, then exit without connecting",
     )
+    parser.add_argument(
+        "--workers",
+        metavar="N",
+        help="run N worker processes of the App under one supervisor (auto: one per "
+        "CPU); --http then serves the whole set (env STRICTCONSUME_WORKERS; 1)",
+    )
     parser.add_argument("--version", action="version", version=f"strictconsume {__version__}")
     return parser
 
@@ -216,6 +224,7 @@ class JSONFormatter(logging.Formatter):
         "delay",
         "trace_id",  # while a span is current (see _tracing.TraceContextFilter)
         "span_id",
+        "worker",
     )
 
     def format(self, record: logging.LogRecord) -> str:
@@ -234,15 +243,24 @@ class JSONFormatter(logging.Formatter):
         return json.dumps(data, default=str)
 
 
-def configure_logging(level: str, log_format: str) -> None:
+def configure_logging(level: str, log_format: str, worker: int | None = None) -> None:
+    """Log to stderr; a worker of ``--workers`` says which it is on every line."""
     handler = logging.StreamHandler()
     if log_format == "json":
         handler.setFormatter(JSONFormatter())
     else:
+        name = "%(name)s" if worker is None else f"%(name)s[worker {worker}]"
         handler.setFormatter(
-            TraceContextFormatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+            TraceContextFormatter(f"%(asctime)s %(levelname)-7s {name}: %(message)s")
         )
     handler.addFilter(TraceContextFilter())  # trace and span ids, when a span is current
+    if worker is not None:
+
+        def label(record: logging.LogRecord) -> bool:
+            record.worker = worker
+            return True
+
+        handler.addFilter(label)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
@@ -271,6 +289,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             config=args.config,
             env=args.env,
             consumer_options=args.consumer,
+            workers=args.workers,
         )
         settings = app.settings
         app.resolve_consumers()  # an unknown consumer or key: an error before connecting
@@ -285,7 +304,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if report is not None:
         print(report)
         return EXIT_OK
-    configure_logging(settings.log_level, settings.log_format)
+    index = os.environ.get(INDEX_ENV) if os.environ.get(LINK_ENV) else None
+    configure_logging(
+        settings.log_level, settings.log_format, None if index is None else int(index)
+    )
+    if os.environ.get(LINK_ENV) or settings.workers > 1:
+        return _run_workers(app, args, settings)
     logging.getLogger("strictconsume").info(
         "strictconsume %s on %s, broker %s",
         __version__,
@@ -300,3 +324,55 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:  # raised by a handler; the App stopped gracefully first
         return EXIT_INTERRUPTED
     return EXIT_OK
+
+
+def _run_workers(app: App, args: argparse.Namespace, settings: Settings) -> int:
+    """``--workers N``: the supervisor, or (``STRICTCONSUME_WORKER_LINK`` set) one of
+    its workers; see :mod:`strictconsume._workers`."""
+    link = os.environ.get(LINK_ENV)
+    if link:
+        app._code_settings["http"] = None  # the supervisor serves for the whole set
+        try:
+            anyio.run(
+                run_worker, app, link, int(os.environ.get(INDEX_ENV, "0")), backend=settings.backend
+            )
+        except StartupError as exc:
+            print(f"strictconsume: error: {exc}", file=sys.stderr)
+            return EXIT_STARTUP
+        except KeyboardInterrupt:
+            return EXIT_INTERRUPTED
+        return EXIT_OK
+    # Each worker gets the supervisor's command line but --workers and --http.
+    options = [f"--url={url}" for url in args.url or ()]
+    for name in (
+        "prefetch",
+        "grace_period",
+        "queue_stats_interval",
+        "backend",
+        "log_level",
+        "log_format",
+        "config",
+        "env",
+    ):
+        value = getattr(args, name)
+        if value is not None:
+            options.append(f"--{name.replace('_', '-')}={value}")
+    options.extend(f"--consumer={option}" for option in args.consumer)
+    logging.getLogger("strictconsume").info(
+        "strictconsume %s: %d workers on %s, broker %s",
+        __version__,
+        settings.workers,
+        settings.backend,
+        ", ".join(settings.redacted_urls),
+    )
+    workers = WorkerSet(
+        worker_command(args.target, options),
+        settings.workers,
+        grace_period=settings.grace_period,
+        http=settings.http,
+    )
+    try:
+        return anyio.run(workers.run, backend=settings.backend)
+    except (OSError, ImportError) as exc:
+        print(f"strictconsume: error: {exc}", file=sys.stderr)
+        return EXIT_STARTUP

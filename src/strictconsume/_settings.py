@@ -13,6 +13,7 @@ log_format         STRICTCONSUME_LOG_FORMAT         text (or json)
 consumer_timeout   STRICTCONSUME_CONSUMER_TIMEOUT   1800.0 (the broker's, seconds)
 http               STRICTCONSUME_HTTP               not served (HOST:PORT)
 queue_stats_interval STRICTCONSUME_QUEUE_STATS_INTERVAL 15.0 (seconds; 0: off)
+workers            STRICTCONSUME_WORKERS            1 (N processes; auto = CPUs)
 =================  ===============================  =========================
 
 Several URLs (the nodes of a cluster) are separated by commas or whitespace; the
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
@@ -92,6 +94,7 @@ class Settings:
     consumer_timeout: float = 1800.0
     http: str | None = None
     queue_stats_interval: float = 15.0  # _queue_stats.py
+    workers: int = 1
 
     @property
     def parameters(self) -> tuple[ConnectionParameters, ...]:
@@ -107,7 +110,7 @@ class Settings:
             f"grace_period={self.grace_period!r}, backend={self.backend!r}, "
             f"log_level={self.log_level!r}, log_format={self.log_format!r}, "
             f"consumer_timeout={self.consumer_timeout!r}, http={self.http!r}, "
-            f"queue_stats_interval={self.queue_stats_interval!r})"
+            f"queue_stats_interval={self.queue_stats_interval!r}, workers={self.workers!r})"
         )
 
 
@@ -155,6 +158,15 @@ def _http_address(value: Any) -> str:
     return text
 
 
+def _workers(value: Any) -> int:
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return os.cpu_count() or 1
+    try:
+        return _int(1, 1024)(value)
+    except ValueError:
+        raise ValueError("must be a number of processes from 1 to 1024, or auto") from None
+
+
 def _url_setting(value: Any) -> tuple[str, ...]:
     urls = _urls(value)
     for url in urls:
@@ -172,6 +184,7 @@ _CONVERTERS: dict[str, Callable[[Any], Any]] = {
     "consumer_timeout": _seconds,
     "http": _http_address,
     "queue_stats_interval": _seconds,
+    "workers": _workers,
 }
 
 
