@@ -39,6 +39,8 @@ FRAMEWORK_NAMES = {
     "Binding",
     "ConsumerSpec",
     "DecodeError",
+    "Duplicate",
+    "Idempotency",
     "Message",
     "Publisher",
     "Reject",
@@ -49,6 +51,19 @@ FRAMEWORK_NAMES = {
     "StartupError",
     "amqp",
     "consumer",
+    "idempotency",
+}
+
+IDEMPOTENCY_NAMES = {
+    "Claim",
+    "Duplicate",
+    "Idempotency",
+    "IdempotencyStore",
+    "InvalidKey",
+    "PostgresStore",
+    "RedisStore",
+    "SQLiteStore",
+    "StoreError",
 }
 
 
@@ -67,6 +82,16 @@ def test_framework_public_names() -> None:
     assert _public(strictconsume) - {"testing"} == FRAMEWORK_NAMES
 
 
+def test_idempotency_public_names() -> None:
+    import strictconsume.idempotency as idempotency
+
+    assert set(idempotency.__all__) == IDEMPOTENCY_NAMES
+    for name in IDEMPOTENCY_NAMES:  # the optional drivers' stores import on demand
+        obj = getattr(idempotency, name)
+        assert obj.__module__.startswith("strictconsume"), name
+        assert "._" not in obj.__module__ or name in ("PostgresStore", "RedisStore"), name
+
+
 def test_testing_public_names() -> None:
     import strictconsume.testing
 
@@ -79,7 +104,7 @@ def test_testing_public_names() -> None:
 
 
 def test_framework_classes_show_the_public_module() -> None:
-    for name in FRAMEWORK_NAMES - {"amqp", "consumer"}:
+    for name in FRAMEWORK_NAMES - {"amqp", "consumer", "idempotency"}:
         assert getattr(strictconsume, name).__module__ == "strictconsume", name
 
 

@@ -25,6 +25,7 @@ from ._consumer import ConsumerSpec as ConsumerSpec
 from ._consumer import consumer as consumer
 from ._message import DecodeError as DecodeError
 from ._message import Message as Message
+from ._outcome import Duplicate as Duplicate
 from ._outcome import Reject as Reject
 from ._outcome import Requeue as Requeue
 from ._outcome import RetryLater as RetryLater
@@ -32,6 +33,7 @@ from ._publisher import Publisher as Publisher
 from ._retry import Retry as Retry
 from ._settings import SettingsError as SettingsError
 from ._supervisor import StartupError as StartupError
+from .idempotency import Idempotency as Idempotency
 
 # Show public classes as strictconsume.X (in reprs, tracebacks and the x-error-type
 # header of dead letters), not as the private module that defines them.
@@ -40,6 +42,8 @@ for _cls in (
     Binding,
     ConsumerSpec,
     DecodeError,
+    Duplicate,
+    Idempotency,
     Message,
     Reject,
     Requeue,

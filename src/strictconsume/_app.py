@@ -28,6 +28,7 @@ from ._versions import (
     describe,
     transient_queues_deprecated,
 )
+from .idempotency._stores import open_stores
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
     from ._http import ASGIApp, HttpServer
     from ._retry import Retry
     from .amqp import Connection
+    from .idempotency import Idempotency
 
 __all__ = ["App"]
 
@@ -120,6 +122,7 @@ class App:
         arguments: Mapping[str, Any] | None = None,
         delivery_limit: int | None = None,
         consumer_timeout: float | None = None,
+        idempotency: Idempotency | None = None,
     ) -> Callable[[H], H]:
         """Register an ``async def`` handler for ``queue`` (options as :func:`consumer`)."""
         decorate = consumer(
@@ -134,6 +137,7 @@ class App:
             arguments=arguments,
             delivery_limit=delivery_limit,
             consumer_timeout=consumer_timeout,
+            idempotency=idempotency,
         )
 
         def register(handler: H) -> H:
@@ -352,6 +356,7 @@ class App:
                 if settings.http is not None:
                     server = self._http_server(settings.http)
                     self._http_url = await stack.enter_async_context(server.serving())
+                await stack.enter_async_context(open_stores(self._specs))  # idempotency
                 async with anyio.create_task_group() as tg:
                     try:
                         await tg.start(supervisor.run)
@@ -389,9 +394,14 @@ class App:
     def _log_stopped(self, before: Counter[tuple[str, str]], *, cancelled: bool = False) -> None:
         """One line for the end of a run, with its count of each outcome."""
         run = self.metrics.messages - before
-        counts = ", ".join(
-            f"{kind.value} {sum(n for (_, outcome), n in run.items() if outcome == kind.value)}"
+        totals = {
+            kind: sum(n for (_, outcome), n in run.items() if outcome == kind.value)
             for kind in OutcomeKind
+        }
+        counts = ", ".join(
+            f"{kind.value} {n}"
+            for kind, n in totals.items()
+            if n or kind is not OutcomeKind.DUPLICATE  # only idempotent consumers have them
         )
         if cancelled:
             logger.warning(

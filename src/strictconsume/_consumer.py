@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from pamqp.common import FieldTable
 
     from ._message import Message
+    from .idempotency import Idempotency
 
 __all__ = ["SPEC_ATTRIBUTE", "Binding", "ConsumerSpec", "Handler", "consumer"]
 
@@ -124,6 +125,15 @@ class ConsumerSpec:
     #: Seconds a delivery may stay unacked before the broker takes it back (the
     #: consumer argument ``x-consumer-timeout``); None: the broker's own setting.
     consumer_timeout: float | None = attrs.field(default=None, validator=_optional_positive)
+    #: Skip messages whose key was handled already (``strictconsume.Idempotency``).
+    idempotency: Idempotency | None = attrs.field(default=None, eq=False)
+
+    @idempotency.validator
+    def _check_idempotency(self, attribute: attrs.Attribute[Any], value: Any) -> None:
+        from .idempotency import Idempotency
+
+        if value is not None and not isinstance(value, Idempotency):
+            raise TypeError(f"idempotency must be a strictconsume.Idempotency, not {value!r}")
 
     @delivery_limit.validator
     def _check_delivery_limit(self, attribute: attrs.Attribute[Any], value: Any) -> None:
@@ -194,6 +204,7 @@ def consumer(
     arguments: Mapping[str, Any] | None = None,
     delivery_limit: int | None = None,
     consumer_timeout: float | None = None,
+    idempotency: Idempotency | None = None,
 ) -> Callable[[H], H]:
     """Declare an ``async def`` function as the handler of ``queue``.
 
@@ -222,6 +233,9 @@ def consumer(
             minutes). Sent where the broker honours it: RabbitMQ 3.12 and later, and
             from 4.3 for quorum queues only (4.3 enforces no consumer timeout on
             classic queues, and refuses the argument there).
+        idempotency: Skip a message whose key (its ``message_id`` by default) was
+            handled already: ``sc.Idempotency(store, key=..., ttl=...)``; it is acked
+            as a ``duplicate`` without running the handler.
     """
 
     def decorate(handler: H) -> H:
@@ -238,6 +252,7 @@ def consumer(
             arguments=arguments,
             delivery_limit=delivery_limit,
             consumer_timeout=consumer_timeout,
+            idempotency=idempotency,
         )
         setattr(handler, SPEC_ATTRIBUTE, spec)
         return handler

@@ -58,6 +58,7 @@ from .amqp import (
 )
 from .amqp._codec import Headers
 from .amqp._connection import asyncio_cancel_requested
+from .idempotency._core import guard, log_duplicate
 
 if TYPE_CHECKING:
     import random as random_module
@@ -733,7 +734,11 @@ class Dispatcher:
         state.running[delivery.delivery_tag] = (started, msg.message_id)
         try:
             try:
-                error = await call_handler(spec, msg, started=started, native=native)
+                if spec.idempotency is None:
+                    error = await call_handler(spec, msg, started=started, native=native)
+                else:  # skip a handled key; the handler's timeout starts once claimed
+                    run = functools.partial(call_handler, spec, msg, native=native)
+                    error = await guard(spec.idempotency, msg, run, handler_timeout=spec.timeout)
             except anyio.get_cancelled_exc_class():
                 # shutdown after the grace period, or the channel/connection is gone
                 await state.requeue(delivery.delivery_tag)
@@ -755,7 +760,7 @@ class Dispatcher:
                 self._record(msg, Outcome(OutcomeKind.CANCELLED), started, None)
                 return
             outcome = decide(error, attempt=msg.attempt, retry=spec.retry)
-            if outcome.kind is OutcomeKind.ACK:
+            if outcome.kind is OutcomeKind.ACK or outcome.kind is OutcomeKind.DUPLICATE:
                 await state.acked(delivery.delivery_tag)
             else:
                 with anyio.CancelScope(shield=True):
@@ -880,6 +885,9 @@ class Dispatcher:
         duration = self._native.current_time() - started
         self._on_outcome(self.queue, outcome.kind, duration)
         if outcome.kind is OutcomeKind.ACK or outcome.kind is OutcomeKind.CANCELLED:
+            return
+        if outcome.kind is OutcomeKind.DUPLICATE:
+            log_duplicate(msg, error, duration)
             return
         if outcome.kind is OutcomeKind.RETRY:
             action = f"retry in {outcome.delay:g} s"

@@ -164,6 +164,8 @@ def test_options_are_checked_up_front(tmp_path: Path) -> None:
         Idempotency("sqlite:///x")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="plain SQL identifier"):
         SQLiteStore(tmp_path / "k.db", table="keys; DROP TABLE x")
+    with pytest.raises(TypeError, match=r"must be a strictconsume\.Idempotency"):
+        sc.ConsumerSpec("q", Handler().__call__, idempotency=store)  # type: ignore[arg-type]
 
 
 def test_the_lease_outlasts_the_handlers_timeout(tmp_path: Path) -> None:
