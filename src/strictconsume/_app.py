@@ -31,7 +31,7 @@ from ._versions import (
 from .idempotency._stores import open_stores
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable
+    from collections.abc import Awaitable, Coroutine
 
     from ._http import ASGIApp, HttpServer
     from ._retry import Retry
@@ -97,6 +97,8 @@ class App:
         self._grace_period: float | None = None
         self._fatal_error: BaseException | None = None
         self._http_url: str | None = None
+        #: Tasks run in the App's task group once it started (outbox relays).
+        self._tasks: list[Callable[[Shutdown], Coroutine[Any, Any, None]]] = []
         #: The broker version the start-up warnings were given for (a sentinel: none).
         self._warned_for: object = _NOT_WARNED
         #: What ``/metrics`` shows; kept across runs of the App.
@@ -164,6 +166,12 @@ class App:
     @property
     def consumers(self) -> tuple[ConsumerSpec, ...]:
         return tuple(self._specs)
+
+    def add_task(self, task: Callable[[Shutdown], Coroutine[Any, Any, None]]) -> None:
+        """Run ``task(shutdown)`` in the App's task group while the App runs, from the
+        moment it is ready (an outbox relay, see ``strictconsume.outbox.Relay``). It
+        must return soon after ``await shutdown.wait()`` returns (a graceful stop)."""
+        self._tasks.append(task)
 
     # -- settings -----------------------------------------------------------------------
 
@@ -318,7 +326,7 @@ class App:
         if self._supervisor is not None:
             raise RuntimeError("this App is running already")
         settings = self.settings
-        if not self._specs:
+        if not self._specs and not self._tasks:
             logger.warning("the App has no consumers")
         for spec in self._specs:
             prefetch = spec.prefetch or settings.prefetch
@@ -363,6 +371,8 @@ class App:
                     except StartupError as exc:
                         startup_error = exc
                     if startup_error is None:
+                        for task in self._tasks:  # outbox relays
+                            tg.start_soon(task, shutdown)
                         try:
                             yield self
                         except BaseException as exc:  # re-raised below, outside the group

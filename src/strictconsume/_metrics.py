@@ -11,6 +11,7 @@ import bisect
 import math
 from collections import Counter
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import attrs
 
@@ -81,6 +82,8 @@ class Metrics:
     #: Read when scraped: are we connected, and how many handlers run per queue.
     connected: Callable[[], bool] = lambda: False
     inflight: Callable[[], dict[str, int]] = dict
+    #: More Prometheus collectors for ``/metrics`` (an outbox relay's).
+    collectors: list[Any] = attrs.Factory(list)
 
     def add_queues(self, queues: Iterable[str]) -> None:
         """Start every series of ``queues`` at 0, so that a rate() works from the start
