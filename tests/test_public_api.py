@@ -78,8 +78,8 @@ def test_amqp_public_names() -> None:
 
 
 def test_framework_public_names() -> None:
-    # `testing` appears once something imported strictconsume.testing (not at run time)
-    assert _public(strictconsume) - {"testing"} == FRAMEWORK_NAMES
+    # `testing` and `outbox` appear once something imported them (not at run time)
+    assert _public(strictconsume) - {"testing", "outbox"} == FRAMEWORK_NAMES
 
 
 def test_idempotency_public_names() -> None:
@@ -90,6 +90,21 @@ def test_idempotency_public_names() -> None:
         obj = getattr(idempotency, name)
         assert obj.__module__.startswith("strictconsume"), name
         assert "._" not in obj.__module__ or name in ("PostgresStore", "RedisStore"), name
+
+
+def test_outbox_public_names() -> None:
+    import strictconsume.outbox as outbox
+
+    assert set(outbox.__all__) == {
+        "OutboxRow",
+        "OutboxTable",
+        "PostgresOutbox",
+        "Relay",
+        "RelayStats",
+        "SQLiteOutbox",
+    }
+    for name in outbox.__all__:
+        assert getattr(outbox, name).__module__ == "strictconsume.outbox", name
 
 
 def test_testing_public_names() -> None:
