@@ -123,6 +123,12 @@ class SQLStore:
     def _describe(self, exc: BaseException) -> str:
         return f"{type(exc).__name__}: {exc}"
 
+    def _durable(self, conn: Any) -> contextlib.AbstractContextManager[None]:
+        """Around the statement that marks a key done: what makes it durable before
+        the ack, where claims and releases need not be (a claim lost in a power
+        failure went with its handler)."""
+        return contextlib.nullcontext()
+
     # -- plumbing ------------------------------------------------------------------------
 
     async def _run(self, fn: Callable[[Any], T]) -> T:
@@ -190,9 +196,12 @@ class SQLStore:
 
     async def complete(self, key: str, owner: str, ttl: float) -> None:
         until = self.clock() + ttl
-        await self._run(
-            lambda conn: conn.execute(self.statements.complete, (key, "done", owner, until))
-        )
+
+        def complete(conn: Any) -> None:
+            with self._durable(conn):
+                conn.execute(self.statements.complete, (key, "done", owner, until))
+
+        await self._run(complete)
 
     async def release(self, key: str, owner: str) -> None:
         await self._run(lambda conn: conn.execute(self.statements.release, (key, owner)))
