@@ -169,3 +169,70 @@ async def test_a_store_that_cannot_be_opened_is_a_startup_error_naming_it(
     text = str(info.value)
     assert f"idempotency store sqlite:{path}" in text
     assert repr(queue) in text
+
+
+@pytest.mark.broker
+@pytest.mark.services
+async def test_the_store_lost_mid_run_requeues_and_the_app_recovers(
+    anyio_backend: str,
+    broker_url: str,
+    redis_url: str,
+    queue: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Redis stopped while the App consumes: the messages go back to the queue (an
+    ERROR line names the store), none is acked unhandled; once Redis is back every
+    message is handled once."""
+    import os
+    import subprocess
+    import sys
+
+    from strictconsume.idempotency import RedisStore
+
+    from ..conftest import DEV_SERVICES
+
+    if os.environ.get("STRICTCONSUME_REDIS_URL"):
+        pytest.skip("stops and starts the private Redis of scripts/dev-services")
+
+    def services(command: str) -> None:
+        subprocess.run(
+            [sys.executable, str(DEV_SERVICES), command, "redis"], check=True, capture_output=True
+        )
+
+    oracle = Oracle(broker_url)
+    app = sc.App(url=broker_url, grace_period=1.0)
+    runs: Counter[str | None] = Counter()
+    store = RedisStore(redis_url, prefix=f"lost-{uuid.uuid4().hex}:", socket_timeout=1.0)
+
+    @app.consumer(queue, timeout=5.0, idempotency=sc.Idempotency(store))
+    async def handle(msg: sc.Message) -> None:
+        runs[msg.message_id] += 1
+
+    try:
+        async with app.running():
+            await oracle.publish(queue, b"before", message_id="m-0")
+            await wait_until(lambda: _true(runs["m-0"] == 1), what="m-0 handled")
+            await anyio.to_thread.run_sync(services, "stop")
+            for i in range(1, 4):
+                await oracle.publish(queue, b"while down", message_id=f"m-{i}")
+
+            async def refused() -> bool:
+                return app.outcomes[queue, "requeue"] >= 3
+
+            await wait_until(refused, what="requeues while Redis is down")
+            assert sum(runs.values()) == 1  # nothing ran without its claim
+            await anyio.to_thread.run_sync(services, "start")
+
+            async def recovered() -> bool:
+                return app.outcomes[queue, "ack"] == 4
+
+            await wait_until(recovered, within=30, what="all handled once Redis is back")
+    finally:
+        await anyio.to_thread.run_sync(services, "start")
+    assert runs == {f"m-{i}": 1 for i in range(4)}
+    assert await oracle.message_count(queue) == 0
+    assert f"could not be claimed: idempotency store {store.name}" in caplog.text
+
+
+async def _true(value: bool) -> bool:
+    return value
