@@ -262,6 +262,30 @@ def pg_add(outbox: PostgresOutbox, ids: list[str]) -> None:
 
 
 @pytest.mark.services
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # psycopg's async API needs asyncio
+async def test_aadd_on_psycopgs_async_connection_commits_with_the_transaction(
+    anyio_backend: str, pg_outbox: PostgresOutbox
+) -> None:
+    import psycopg
+
+    async with await psycopg.AsyncConnection.connect(pg_outbox.conninfo) as conn:
+        async with conn.transaction():
+            kept = await pg_outbox.aadd(conn, routing_key="orders", body=b"kept")
+        try:
+            async with conn.transaction():
+                await pg_outbox.aadd(conn, routing_key="orders", body=b"gone")
+                raise ValueError("rolled back")
+        except ValueError:
+            pass
+    relay = Relay(pg_outbox, poll_interval=0.05)
+    publish = Recorder()
+    await run_until(relay, publish, lambda: len(publish.rows) >= 1)
+    await anyio.sleep(0.2)
+    assert publish.ids == [kept]
+    assert counts(pg_outbox) == {"sent": 1}
+
+
+@pytest.mark.services
 async def test_on_postgres_notify_wakes_the_relay_at_once(
     anyio_backend: str, pg_outbox: PostgresOutbox
 ) -> None:

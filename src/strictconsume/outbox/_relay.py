@@ -68,7 +68,6 @@ class RelayStats:
     #: ``created_at`` of the oldest pending row seen in the last round (None: none).
     oldest_pending: float | None = None
     rounds: int = 0
-    duplicates_possible: int = 0
 
 
 class Relay:
