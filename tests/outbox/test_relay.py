@@ -227,6 +227,31 @@ async def test_sent_rows_are_deleted_after_the_retention(
     assert counts(sqlite_outbox) == {"sent": 1}
 
 
+class FlakyOutbox(SQLiteOutbox):
+    """Its first reads fail as a database that went away would."""
+
+    failures = 2
+
+    def fetch(self, conn: Any, limit: int) -> list[OutboxRow]:
+        if self.failures:
+            self.failures -= 1
+            raise sqlite3.OperationalError("disk I/O error")
+        return super().fetch(conn, limit)
+
+
+async def test_a_failing_database_is_logged_and_tried_again(
+    anyio_backend: str, sqlite_outbox: SQLiteOutbox, caplog: pytest.LogCaptureFixture
+) -> None:
+    add_orders(sqlite_outbox, ["o-1", "o-2"])
+    flaky = FlakyOutbox(sqlite_outbox.path)
+    relay = Relay(flaky, poll_interval=0.05, backoff=FAST)
+    publish = Recorder()
+    await run_until(relay, publish, lambda: len(publish.rows) >= 2)
+    assert publish.ids == ["o-1", "o-2"]
+    assert caplog.text.count("the database failed: OperationalError: disk I/O error") == 2
+    assert "the relay tries again in" in caplog.text
+
+
 def test_options_are_checked_up_front(sqlite_outbox: SQLiteOutbox) -> None:
     with pytest.raises(ValueError, match="batch must be an int >= 1, not 0"):
         Relay(sqlite_outbox, batch=0)
@@ -365,6 +390,49 @@ async def test_on_postgres_two_relays_share_the_rows_without_publishing_one_twic
     assert one.rows
     assert two.rows
     assert counts(pg_outbox) == {"sent": 400}
+
+
+@pytest.mark.services
+async def test_on_postgres_a_restarted_server_is_waited_for(
+    anyio_backend: str, pg_outbox: PostgresOutbox, caplog: pytest.LogCaptureFixture
+) -> None:
+    """PostgreSQL restarted under a running relay: its connections (the rows' and
+    LISTEN's) break, the relay logs it, connects again and publishes what was added."""
+    import os
+    import subprocess
+    import sys
+
+    from ..conftest import DEV_SERVICES
+
+    if os.environ.get("STRICTCONSUME_POSTGRES_URL"):
+        pytest.skip("restarts the private PostgreSQL of scripts/dev-services")
+
+    def services(command: str) -> None:
+        subprocess.run(
+            [sys.executable, str(DEV_SERVICES), command, "postgres"],
+            check=True,
+            capture_output=True,
+        )
+
+    relay = Relay(pg_outbox, poll_interval=0.1, backoff=FAST)
+    publish = Recorder()
+    stop = anyio.Event()
+    try:
+        with anyio.fail_after(60):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(lambda: relay.run(publish, stopped=stop.wait))
+                await anyio.to_thread.run_sync(pg_add, pg_outbox, ["before"])
+                await publish.wait(lambda: len(publish.rows) >= 1)
+                await anyio.to_thread.run_sync(services, "stop")
+                await anyio.sleep(0.5)
+                await anyio.to_thread.run_sync(services, "start")
+                await anyio.to_thread.run_sync(pg_add, pg_outbox, ["after"])
+                await publish.wait(lambda: len(publish.rows) >= 2)
+                stop.set()
+    finally:
+        await anyio.to_thread.run_sync(services, "start")
+    assert publish.ids == ["before", "after"]
+    assert "the database failed" in caplog.text
 
 
 # -- a relay inside an App, against RabbitMQ -------------------------------------------------

@@ -114,6 +114,7 @@ class Relay:
         self._limiter = anyio.CapacityLimiter(1)
         self._last_purge = -math.inf
         self._conn: Any = None
+        self._rounds_at_failure = 0
 
     def __repr__(self) -> str:
         return f"<strictconsume.outbox.Relay {self.outbox.name}>"
@@ -147,34 +148,43 @@ class Relay:
 
     async def run(self, publish: Publish, *, stopped: Callable[[], Awaitable[None]]) -> None:
         """Publish rounds until ``stopped()`` returns; the round in progress ends
-        first (its confirmed rows are marked)."""
+        first (its confirmed rows are marked). A database that fails (unreachable,
+        restarted, a full disk) is logged and tried again with the backoff; the
+        rows wait in the table meanwhile."""
         outbox = self.outbox
-        self._conn = await anyio.to_thread.run_sync(self._open, limiter=self._limiter)
-        listen = None
         wake = anyio.Event()  # set when stopped() returned
 
         async def watch() -> None:
             await stopped()
             wake.set()
 
+        logger.info("outbox relay for %s started", outbox.name, extra={"event": "relay_started"})
+        failures = 0
         try:
-            listen = await anyio.to_thread.run_sync(outbox.listen_connection)
-            logger.info(
-                "outbox relay for %s started", outbox.name, extra={"event": "relay_started"}
-            )
             async with anyio.create_task_group() as tg:
                 tg.start_soon(watch)
                 while not wake.is_set():
-                    more, wait = await self._round(publish, wake.is_set)
-                    if wake.is_set():
-                        break
-                    if not more:
-                        interval = self.poll_interval if wait is None else wait
-                        await self._idle(listen, min(interval, self.poll_interval), wake)
+                    try:
+                        await self._serve(publish, wake)
+                    except outbox.driver_errors() as exc:
+                        if self.stats.rounds > self._rounds_at_failure:
+                            failures = 0  # it worked in between: start the backoff again
+                        delay = self.backoff.delay(min(failures, 30), self._random.random())
+                        failures += 1
+                        self._rounds_at_failure = self.stats.rounds
+                        logger.error(
+                            "outbox %s: the database failed: %s: %s; the relay tries again "
+                            "in %.1f s (the rows wait in the table)",
+                            outbox.name,
+                            type(exc).__name__,
+                            exc,
+                            delay,
+                            extra={"event": "relay_database_failed", "error": str(exc)},
+                        )
+                        with anyio.move_on_after(delay):
+                            await wake.wait()
                 tg.cancel_scope.cancel()
         finally:
-            with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(self._close, listen, limiter=self._limiter)
             logger.info(
                 "outbox relay for %s stopped (published %d, failed %d)",
                 outbox.name,
@@ -183,21 +193,47 @@ class Relay:
                 extra={"event": "relay_stopped"},
             )
 
+    async def _serve(self, publish: Publish, wake: anyio.Event) -> None:
+        """Open the relay's connections and run rounds until ``wake`` is set."""
+        outbox = self.outbox
+        listen = None
+        try:
+            self._conn = await anyio.to_thread.run_sync(self._open, limiter=self._limiter)
+            listen = await anyio.to_thread.run_sync(outbox.listen_connection)
+            while not wake.is_set():
+                more, wait = await self._round(publish, wake.is_set)
+                if wake.is_set():
+                    break
+                if not more:
+                    interval = self.poll_interval if wait is None else wait
+                    await self._idle(listen, min(interval, self.poll_interval), wake)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(self._close, listen, limiter=self._limiter)
+
     async def _idle(self, listen: Any, wait: float, wake: anyio.Event) -> None:
         """Wait ``wait`` seconds, or less: until a NOTIFY or ``wake`` (a stop)."""
+        error: BaseException | None = None
         with anyio.move_on_after(max(wait, 0.0)):
             async with anyio.create_task_group() as waiter:
 
                 async def notified() -> None:
-                    if await anyio.to_thread.run_sync(
-                        self.outbox.wait_for_rows, listen, wait, abandon_on_cancel=True
-                    ):
+                    nonlocal error
+                    try:
+                        woke = await anyio.to_thread.run_sync(
+                            self.outbox.wait_for_rows, listen, wait, abandon_on_cancel=True
+                        )
+                    except self.outbox.driver_errors() as exc:  # raised plain, below
+                        error, woke = exc, True
+                    if woke:
                         waiter.cancel_scope.cancel()
 
                 if listen is not None:
                     waiter.start_soon(notified)
                 await wake.wait()
                 waiter.cancel_scope.cancel()
+        if error is not None:
+            raise error
 
     async def _round(
         self, publish: Publish, stopping: Callable[[], bool]

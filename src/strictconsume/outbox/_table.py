@@ -182,6 +182,10 @@ class OutboxTable:
     def _after_insert(self) -> list[str]:
         return []
 
+    def driver_errors(self) -> tuple[type[BaseException], ...]:
+        """The database driver's errors: the relay logs them and tries again."""
+        return (sqlite3.Error,)
+
     # -- the relay's side (blocking, in its worker thread) -------------------------------
 
     def connect(self) -> Any:
@@ -379,6 +383,11 @@ class PostgresOutbox(OutboxTable):
 
     def _after_insert(self) -> list[str]:
         return [f"NOTIFY {self.table}"]
+
+    def driver_errors(self) -> tuple[type[BaseException], ...]:
+        import psycopg
+
+        return (psycopg.Error,)
 
     def fetch_statement(self) -> str:
         return self._sql(
