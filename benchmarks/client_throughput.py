@@ -30,6 +30,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 from _broker import broker_url
 
@@ -138,16 +139,26 @@ def child(library: str, url: str, queue: str, prefetch: int, n: int) -> None:
 # -- the parent: fill, run, collect -----------------------------------------------------
 
 
-def fill(url: str, queue: str, n: int) -> None:
+def fill(
+    url: str,
+    queue: str,
+    n: int,
+    *,
+    body: bytes = BODY,
+    arguments: dict[str, Any] | None = None,
+    content_type: str | None = None,
+) -> None:
+    """Declare ``queue`` (durable, with ``arguments``), purge it, and put ``n``
+    persistent copies of ``body`` in it."""
     import pika
 
     conn = pika.BlockingConnection(pika.URLParameters(url))
     channel = conn.channel()
-    channel.queue_declare(queue, durable=True)
+    channel.queue_declare(queue, durable=True, arguments=arguments)
     channel.queue_purge(queue)
-    props = pika.BasicProperties(delivery_mode=2)
+    props = pika.BasicProperties(delivery_mode=2, content_type=content_type)
     for _ in range(n):
-        channel.basic_publish("", queue, BODY, props)
+        channel.basic_publish("", queue, body, props)
     deadline = time.monotonic() + 60
     while channel.queue_declare(queue, passive=True).method.message_count < n:
         if time.monotonic() > deadline:

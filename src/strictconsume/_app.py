@@ -9,17 +9,20 @@ import random as random_module
 import signal
 import threading
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, Unpack
 
 import anyio
 
-from ._consumer import SPEC_ATTRIBUTE, Binding, ConsumerSpec, QueueType, consumer
-from ._dispatch import Shutdown
+from ._consumer import SPEC_ATTRIBUTE, ConsumerOptions, ConsumerSpec, check_options, consumer
 from ._metrics import Metrics
+from ._middleware import Middleware, check_middleware
 from ._outcome import OutcomeKind, sole_exception
+from ._pipeline import Pipeline, build_pipeline
 from ._publisher import PublishChannelSlot, Publisher, own_connection_publisher
+from ._reply import publishing_replier
 from ._settings import Settings, resolve_settings
+from ._shutdown import Shutdown
 from ._supervisor import StartupError, Supervisor
 from ._versions import (
     consumer_timeout_argument,
@@ -31,12 +34,11 @@ from ._versions import (
 from .idempotency._stores import open_stores
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Coroutine
+    from collections.abc import Coroutine
 
-    from ._http import ASGIApp, HttpServer
-    from ._retry import Retry
+    from ._asgi import ASGIApp
+    from ._http import HttpServer
     from .amqp import Connection
-    from .idempotency import Idempotency
 
 __all__ = ["App"]
 
@@ -44,7 +46,7 @@ logger = logging.getLogger("strictconsume")
 
 _NOT_WARNED = object()
 
-H = TypeVar("H", bound="Callable[..., Awaitable[Any]]")
+H = TypeVar("H", bound="Callable[..., Any]")
 
 
 class App:
@@ -59,6 +61,8 @@ class App:
         http: ``HOST:PORT`` to serve ``/health/live``, ``/health/ready`` and
             ``/metrics`` on while the App runs (needs the ``http`` extra).
         backend, log_level, log_format: Used by ``python -m strictconsume``.
+        middleware: Middleware around every handler of the App (outside each
+            consumer's own), the first outermost; see :meth:`add_middleware`.
 
     Every setting can also come from the environment (``STRICTCONSUME_URL``, else
     ``AMQP_URL``; ``STRICTCONSUME_PREFETCH``, ...), which overrides the code, and
@@ -76,6 +80,7 @@ class App:
         backend: Literal["trio", "asyncio"] | None = None,
         log_level: str | None = None,
         log_format: Literal["text", "json"] | None = None,
+        middleware: Iterable[Middleware] = (),
     ) -> None:
         self._code_settings: dict[str, Any] = {
             "urls": url,
@@ -90,6 +95,9 @@ class App:
         resolve_settings(self._code_settings, {})  # fail early on a bad argument
         self._overrides: dict[str, Any] = {}
         self._specs: list[ConsumerSpec] = []
+        self._middleware: list[Middleware] = list(middleware)
+        for mw in self._middleware:
+            check_middleware(mw)
         self._shutdown: Shutdown | None = None
         self._supervisor: Supervisor | None = None
         self._publishing = PublishChannelSlot()
@@ -110,37 +118,11 @@ class App:
 
     # -- consumers ----------------------------------------------------------------------
 
-    def consumer(
-        self,
-        queue: str,
-        *,
-        prefetch: int | None = None,
-        timeout: float | None = None,
-        retry: Retry | None = None,
-        bindings: Iterable[Binding] = (),
-        queue_type: QueueType = "classic",
-        durable: bool = True,
-        concurrency: int | None = None,
-        arguments: Mapping[str, Any] | None = None,
-        delivery_limit: int | None = None,
-        consumer_timeout: float | None = None,
-        idempotency: Idempotency | None = None,
-    ) -> Callable[[H], H]:
-        """Register an ``async def`` handler for ``queue`` (options as :func:`consumer`)."""
-        decorate = consumer(
-            queue,
-            prefetch=prefetch,
-            timeout=timeout,
-            retry=retry,
-            bindings=bindings,
-            queue_type=queue_type,
-            durable=durable,
-            concurrency=concurrency,
-            arguments=arguments,
-            delivery_limit=delivery_limit,
-            consumer_timeout=consumer_timeout,
-            idempotency=idempotency,
-        )
+    def consumer(self, queue: str, **options: Unpack[ConsumerOptions]) -> Callable[[H], H]:
+        """Register a handler, ``async def`` or ``def``, for ``queue`` (options as
+        :func:`consumer`)."""
+        check_options(options, "App.consumer")
+        decorate = consumer(queue, **options)
 
         def register(handler: H) -> H:
             self.add_consumer(decorate(handler))
@@ -148,7 +130,7 @@ class App:
 
         return register
 
-    def add_consumer(self, handler: Callable[..., Awaitable[Any]] | ConsumerSpec) -> None:
+    def add_consumer(self, handler: Callable[..., Any] | ConsumerSpec) -> None:
         """Add a function decorated with :func:`strictconsume.consumer` (or a spec)."""
         spec: object = handler
         if not isinstance(spec, ConsumerSpec):
@@ -162,6 +144,38 @@ class App:
         if any(existing.queue == spec.queue for existing in self._specs):
             raise ValueError(f"queue {spec.queue!r} already has a consumer in this App")
         self._specs.append(spec)
+
+    def add_middleware(self, middleware: Middleware) -> None:
+        """Wrap every handler of the App in ``middleware`` (inside the middleware added
+        before): an ``async def mw(msg, call_next)`` or an async context manager
+        factory taking the message (see the README's "Middleware")."""
+        check_middleware(middleware)
+        if self._supervisor is not None:
+            raise RuntimeError("middleware cannot be added while the App is running")
+        self._middleware.append(middleware)
+
+    @property
+    def middleware(self) -> tuple[Middleware, ...]:
+        """The App's middleware, outermost first."""
+        return tuple(self._middleware)
+
+    def _pipelines(self) -> dict[str, Pipeline]:
+        """How each consumer's handler is called (typed body, middleware, thread,
+        reply), by queue; built when the App starts.
+
+        Raises:
+            TypeError: a handler's signature or body type cannot be served.
+        """
+        prefetch = self.settings.prefetch
+        return {
+            spec.queue: build_pipeline(
+                spec,
+                middleware=self._middleware,
+                reply=publishing_replier(self._publishing),
+                threads=spec.concurrency or spec.prefetch or prefetch,
+            )
+            for spec in self._specs
+        }
 
     @property
     def consumers(self) -> tuple[ConsumerSpec, ...]:
@@ -335,6 +349,10 @@ class App:
                     f"queue {spec.queue!r}: concurrency ({spec.concurrency}) cannot exceed "
                     f"prefetch ({prefetch})"
                 )
+        try:
+            pipelines = self._pipelines()
+        except TypeError as exc:
+            raise StartupError(str(exc)) from exc
         self.metrics.add_queues(spec.queue for spec in self._specs)
         counted_before = Counter(self.metrics.messages)
         shutdown = self._shutdown if self._shutdown is not None else Shutdown()
@@ -353,6 +371,7 @@ class App:
             on_consumer_timeout=self._consumer_timed_out,
             consumer_timeout=settings.consumer_timeout,
             random=self._random,
+            pipelines=pipelines,
         )
         self._supervisor = supervisor
         self._grace_period = settings.grace_period
@@ -446,7 +465,7 @@ class App:
 
             api.mount("/consumers", app.asgi())   # Starlette or FastAPI
         """
-        from ._http import asgi_app
+        from ._asgi import asgi_app
 
         return asgi_app(self, self.metrics)
 

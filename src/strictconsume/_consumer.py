@@ -4,22 +4,32 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypedDict, TypeVar, Unpack
 
 import attrs
 
+from ._middleware import Middleware, check_middleware
 from ._retry import Retry
 
 if TYPE_CHECKING:
     from pamqp.common import FieldTable
 
-    from ._message import Message
     from .idempotency import Idempotency
 
-__all__ = ["SPEC_ATTRIBUTE", "Binding", "ConsumerSpec", "Handler", "consumer"]
 
-Handler = Callable[["Message"], Awaitable[None]]
-H = TypeVar("H", bound=Callable[..., Awaitable[Any]])
+__all__ = [
+    "SPEC_ATTRIBUTE",
+    "Binding",
+    "ConsumerOptions",
+    "ConsumerSpec",
+    "Handler",
+    "check_options",
+    "consumer",
+]
+
+#: An ``async def`` or plain ``def`` taking the message, its typed body, or both.
+Handler = Callable[..., Awaitable[Any]] | Callable[..., Any]
+H = TypeVar("H", bound=Callable[..., Any])
 
 #: Where ``@consumer`` leaves the spec on the decorated function.
 SPEC_ATTRIBUTE = "__strictconsume_consumer__"
@@ -29,6 +39,28 @@ EXCHANGE_TYPES = frozenset({"direct", "topic", "fanout", "headers"})
 MAX_PREFETCH = 65535  # basic.qos prefetch-count is a short
 #: The delivery limit of a quorum queue when none is given (RabbitMQ 4's default).
 DEFAULT_DELIVERY_LIMIT = 20
+
+
+def handler_is_blocking(handler: Any, *, queue: str) -> bool:
+    """Whether ``handler`` is a plain ``def`` (run in a thread) rather than an
+    ``async def``.
+
+    Raises:
+        TypeError: it is not callable, or it is an async generator.
+    """
+    if not callable(handler):
+        raise TypeError(f"the handler for queue {queue!r} must be callable, not {handler!r}")
+    if inspect.iscoroutinefunction(handler):
+        return False
+    call = type(handler).__call__
+    if not inspect.isfunction(handler) and inspect.iscoroutinefunction(call):
+        return False  # an object with an async __call__
+    if inspect.isasyncgenfunction(handler) or inspect.isasyncgenfunction(call):
+        raise TypeError(
+            f"the handler for queue {queue!r} must be an 'async def' or a plain 'def' "
+            f"function, not an async generator: {handler!r}"
+        )
+    return True
 
 
 def _queue_name(instance: object, attribute: attrs.Attribute[str], value: str) -> None:
@@ -97,6 +129,13 @@ def _retry(value: Retry | None) -> Retry:
     return value
 
 
+def _middleware(value: Iterable[Middleware]) -> tuple[Middleware, ...]:
+    middleware = tuple(value)
+    for mw in middleware:
+        check_middleware(mw)
+    return middleware
+
+
 @attrs.frozen
 class ConsumerSpec:
     """One consumer: a handler, its queue and how the queue is consumed.
@@ -125,6 +164,9 @@ class ConsumerSpec:
     #: Seconds a delivery may stay unacked before the broker takes it back (the
     #: consumer argument ``x-consumer-timeout``); None: the broker's own setting.
     consumer_timeout: float | None = attrs.field(default=None, validator=_optional_positive)
+    #: Middleware around this consumer's handler (inside the App's): see
+    #: :mod:`._middleware`.
+    middleware: tuple[Middleware, ...] = attrs.field(default=(), converter=_middleware, eq=False)
     #: Skip messages whose key was handled already (``strictconsume.Idempotency``).
     idempotency: Idempotency | None = attrs.field(default=None, eq=False)
 
@@ -162,11 +204,7 @@ class ConsumerSpec:
         return limit or None
 
     def __attrs_post_init__(self) -> None:
-        if not inspect.iscoroutinefunction(self.handler):
-            raise TypeError(
-                f"the handler for queue {self.queue!r} must be an 'async def' function, "
-                f"not {self.handler!r}"
-            )
+        handler_is_blocking(self.handler, queue=self.queue)  # a TypeError if neither
         if self.queue_type == "quorum" and not self.durable:
             raise ValueError(f"queue {self.queue!r}: quorum queues are always durable")
         if self.arguments and "x-delivery-limit" in self.arguments:
@@ -191,22 +229,37 @@ class ConsumerSpec:
         return f"{getattr(handler, '__module__', '?')}.{getattr(handler, '__qualname__', '?')}"
 
 
-def consumer(
-    queue: str,
-    *,
-    prefetch: int | None = None,
-    timeout: float | None = None,
-    retry: Retry | None = None,
-    bindings: Iterable[Binding] = (),
-    queue_type: QueueType = "classic",
-    durable: bool = True,
-    concurrency: int | None = None,
-    arguments: Mapping[str, Any] | None = None,
-    delivery_limit: int | None = None,
-    consumer_timeout: float | None = None,
-    idempotency: Idempotency | None = None,
-) -> Callable[[H], H]:
-    """Declare an ``async def`` function as the handler of ``queue``.
+class ConsumerOptions(TypedDict, total=False):
+    """The options of a consumer, as keyword arguments: written once here for
+    :func:`consumer` and :meth:`App.consumer`, each one a field of
+    :class:`ConsumerSpec` of the same name and type (a test checks that). An option
+    left out takes the spec's default."""
+
+    prefetch: int | None
+    timeout: float | None
+    retry: Retry | None
+    bindings: Iterable[Binding]
+    queue_type: QueueType
+    durable: bool
+    concurrency: int | None
+    arguments: Mapping[str, Any] | None
+    delivery_limit: int | None
+    consumer_timeout: float | None
+    middleware: Iterable[Middleware]
+    idempotency: Idempotency | None
+
+
+def check_options(options: Mapping[str, object], caller: str) -> None:
+    """Refuse an option :class:`ConsumerOptions` does not name, as Python refuses an
+    unknown keyword argument (at the call, not later at decoration)."""
+    for name in options:
+        if name not in ConsumerOptions.__annotations__:
+            raise TypeError(f"{caller}() got an unexpected keyword argument {name!r}")
+
+
+def consumer(queue: str, **options: Unpack[ConsumerOptions]) -> Callable[[H], H]:
+    """Declare a function as the handler of ``queue``: an ``async def``, or a plain
+    ``def`` (run in a worker thread), taking the message, its typed body, or both.
 
     ``python -m strictconsume module`` collects every function of the module decorated
     this way into one App; :meth:`App.consumer` is the same decorator for one App.
@@ -233,27 +286,18 @@ def consumer(
             minutes). Sent where the broker honours it: RabbitMQ 3.12 and later, and
             from 4.3 for quorum queues only (4.3 enforces no consumer timeout on
             classic queues, and refuses the argument there).
+        middleware: Middleware around this handler (inside the App's), the first
+            outermost: ``async def mw(msg, call_next)`` or an async context manager
+            factory taking the message.
         idempotency: Skip a message whose key (its ``message_id`` by default) was
             handled already: ``sc.Idempotency(store, key=..., ttl=...)``; it is acked
             as a ``duplicate`` without running the handler.
     """
 
+    check_options(options, "consumer")
+
     def decorate(handler: H) -> H:
-        spec = ConsumerSpec(
-            queue=queue,
-            handler=handler,
-            prefetch=prefetch,
-            timeout=timeout,
-            retry=retry,
-            bindings=bindings,
-            queue_type=queue_type,
-            durable=durable,
-            concurrency=concurrency,
-            arguments=arguments,
-            delivery_limit=delivery_limit,
-            consumer_timeout=consumer_timeout,
-            idempotency=idempotency,
-        )
+        spec = ConsumerSpec(queue=queue, handler=handler, **options)
         setattr(handler, SPEC_ATTRIBUTE, spec)
         return handler
 

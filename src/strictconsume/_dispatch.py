@@ -9,6 +9,12 @@ Structure (design sections 3 to 5)::
           handler task                  move_on_after(timeout) around the handler,
                                         then a shielded settlement
 
+This module is the channel loop and the logging of outcomes; the pieces it drives
+each have a module: the App's stop (``_shutdown.py``), the handler call
+(``_handler.py``), the acks and nacks of a channel and when to send them
+(``_acks.py``), the settlement of a message not simply acked (``_settle.py``) and
+the headers and properties of its copies (``_copies.py``).
+
 A settlement is an ack (through the :class:`~._acks.AckTracker`, coalesced), a nack
 with requeue, or a confirmed publish of a copy to the retry queue or the dead-letter
 queue followed by the ack of the original. Settlements are shielded from cancellation
@@ -20,44 +26,30 @@ has a new tracker and the old one's handlers are cancelled before it closes.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import datetime
 import functools
 import logging
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import anyio
 import anyio.abc
-import attrs
 
-from ._acks import AckTracker
+from ._acks import ACK_DELAY, SETTLE_TIMEOUT, ChannelAcks, ack_batch
 from ._backoff import DEFAULT_BACKOFF, Backoff
-from ._message import (
-    ATTEMPT_HEADER,
-    BROKER_COUNT_HEADERS,
-    ORIGINAL_EXCHANGE_HEADER,
-    ORIGINAL_ROUTING_KEY_HEADER,
-    Message,
-)
+from ._copies import copy_headers
+from ._copies import copy_properties as _copy_properties
+from ._handler import call_handler
+from ._message import Message
 from ._native import HandlerGroup, Native
 from ._outcome import Outcome, OutcomeKind, decide, error_type
-from ._publisher import COPIES
-from ._retry import AD_HOC_LEASE_RENEWAL, dead_letter_queue_name, retry_queue_name
-from ._topology import TopologyError, dead_letter_arguments, declare_consumer, retry_arguments
+from ._pipeline import Pipeline, build_pipeline
+from ._retry import dead_letter_queue_name
+from ._settle import SETTLE_FAILURE_PAUSE, Settlement
+from ._shutdown import Shutdown
+from ._topology import TopologyError, declare_consumer
 from ._versions import Version, consumer_timeout_argument, consumer_timeout_cancels
-from .amqp import (
-    AMQPError,
-    ChannelClosed,
-    ConnectionLost,
-    ConsumerCancelled,
-    MessageReturned,
-    Properties,
-)
-from .amqp._codec import Headers
-from .amqp._connection import asyncio_cancel_requested
+from .amqp import AMQPError, ChannelClosed, ConsumerCancelled, Flag
 from .idempotency._core import guard, log_duplicate
 
 if TYPE_CHECKING:
@@ -69,19 +61,22 @@ if TYPE_CHECKING:
     from ._publisher import PublishChannelSlot
     from .amqp import Channel, Connection, Delivery
 
-__all__ = ["ACK_DELAY", "SETTLE_TIMEOUT", "Dispatcher", "Shutdown", "ack_batch"]
+# ACK_DELAY, SETTLE_TIMEOUT, SETTLE_FAILURE_PAUSE, ack_batch, Shutdown, copy_headers and
+# _copy_properties live in the modules of their concern; named here for the callers
+# that knew them here.
+__all__ = [
+    "ACK_DELAY",
+    "SETTLE_FAILURE_PAUSE",
+    "SETTLE_TIMEOUT",
+    "Dispatcher",
+    "Shutdown",
+    "_copy_properties",
+    "ack_batch",
+    "call_handler",
+    "copy_headers",
+]
 
 logger = logging.getLogger("strictconsume")
-
-#: Seconds a settlement (a retry or dead-letter publish and its confirm, then the ack)
-#: may take before the original is requeued instead.
-SETTLE_TIMEOUT = 10.0
-#: Seconds to hold a message whose copy could not be published before requeueing it,
-#: so that a broker refusing every copy does not turn into a busy redelivery loop.
-SETTLE_FAILURE_PAUSE = 1.0
-
-#: Seconds a finished message may wait for others to share its ack (design section 4).
-ACK_DELAY = 0.002
 
 OutcomeHook = Callable[[str, OutcomeKind, float], None]
 
@@ -90,91 +85,6 @@ DEFAULT_CONSUMER_TIMEOUT = 1800.0
 #: A broker-sent cancel is taken for a consumer timeout when a delivery has been held
 #: at least this share of the timeout (the broker checks on its own clock).
 CONSUMER_TIMEOUT_SLACK = 0.9
-
-
-def ack_batch(prefetch: int) -> int:
-    """How many finished messages are acked at once without waiting for
-    :data:`ACK_DELAY`: an eighth of the prefetch window (1 below a prefetch of 16).
-
-    Acking each message as it finishes makes the broker refill the window one or two
-    messages at a time, and the consumer spends its time on small reads and writes
-    (0.7 ack frames per message at prefetch 100); a batch lets the broker send a
-    burst. An eighth keeps the window at least 7/8 full while a batch gathers. Below
-    a prefetch of 16 the window is too small to hold messages back: what finished in
-    one scheduler round is acked at the end of it.
-    """
-    return max(1, prefetch // 8)
-
-
-@attrs.define(eq=False)
-class Shutdown:
-    """The App's graceful stop, shared by its dispatchers (design section 5).
-
-    :meth:`request` stops intake everywhere and starts the grace period; a second
-    request (:meth:`force`) ends the grace period at once.
-    """
-
-    #: Seconds handlers get to finish when intake stops (the App's setting).
-    grace_period: float = 30.0
-    requested: bool = False
-    forced: bool = False
-    #: When the grace period ends (anyio.current_time() clock); inf before a request.
-    deadline: float = math.inf
-    _intakes: set[anyio.CancelScope] = attrs.Factory(set)
-    _graces: set[anyio.CancelScope] = attrs.Factory(set)
-    _event: anyio.Event = attrs.Factory(anyio.Event)
-
-    def request(self, grace_period: float) -> None:
-        if self.requested:
-            self.force()
-            return
-        self.requested = True
-        self.deadline = anyio.current_time() + grace_period
-        for scope in self._graces:
-            scope.deadline = self.deadline
-        for scope in list(self._intakes):
-            scope.cancel()
-        self._event.set()
-
-    def force(self) -> None:
-        self.forced = True
-        self.deadline = -math.inf
-        for scope in list(self._graces):
-            scope.cancel()
-
-    async def wait(self) -> None:
-        await self._event.wait()
-
-    def intake_scope(self) -> anyio.CancelScope:
-        """A cancel scope for intake; cancelled at once if a stop was requested."""
-        scope = anyio.CancelScope()
-        if self.requested:
-            scope.cancel()
-        self._intakes.add(scope)
-        return scope
-
-    def grace_scope(self) -> anyio.CancelScope:
-        """A cancel scope that ends with the grace period."""
-        scope = anyio.CancelScope(deadline=self.deadline)
-        if self.forced:
-            scope.cancel()
-        self._graces.add(scope)
-        return scope
-
-    @contextlib.contextmanager
-    def intake(self) -> Iterator[anyio.CancelScope]:
-        """:meth:`intake_scope`, entered, and forgotten on the way out however the
-        block ends (a connection lost while it waits cancels it from outside)."""
-        scope = self.intake_scope()
-        try:
-            with scope:
-                yield scope
-        finally:
-            self.discard(scope)
-
-    def discard(self, scope: anyio.CancelScope) -> None:
-        self._intakes.discard(scope)
-        self._graces.discard(scope)
 
 
 def _refused(error: Exception) -> bool:
@@ -194,13 +104,11 @@ class _ChannelState:
 
     def __init__(self, ch: Channel, prefetch: int, concurrency: int | None) -> None:
         self.ch = ch
-        self.tracker = AckTracker()
-        self.ack_batch = ack_batch(prefetch)
+        self.acks = ChannelAcks(ch, prefetch)
+        #: The channel's ack tracker (the acks' own).
+        self.tracker = self.acks.tracker
         self.inflight = 0
-        self.idle = anyio.Event()
-        self.idle.set()
-        self.ack_wanted = anyio.Event()
-        self.batch_full = anyio.Event()
+        self.idle = Flag(set=True)
         #: Set when the handlers are being cancelled (grace over, channel lost): a
         #: handler that swallows the cancellation and returns is requeued, not acked.
         self.cancelling = False
@@ -211,7 +119,7 @@ class _ChannelState:
 
     def started(self) -> None:
         if self.inflight == 0:
-            self.idle = anyio.Event()
+            self.idle.clear()
         self.inflight += 1
 
     def ended(self) -> None:
@@ -221,177 +129,21 @@ class _ChannelState:
         if self.inflight == 0:
             self.idle.set()
 
-    async def acker(self) -> None:
-        """Flush once the handlers that finished in a scheduler round have all run: at
-        once for a batch of :attr:`ack_batch` or more, else up to :data:`ACK_DELAY`
-        later, unless a batch fills meanwhile (design section 4)."""
-        while True:
-            await self.ack_wanted.wait()
-            self.ack_wanted = anyio.Event()
-            if self.tracker.pending < self.ack_batch:
-                self.batch_full = anyio.Event()
-                with anyio.move_on_after(ACK_DELAY):
-                    await self.batch_full.wait()
-            await self.flush()
-
     async def acked(self, delivery_tag: int) -> None:
         """The message of ``delivery_tag`` is done: ack it, coalesced with others."""
-        tracker = self.tracker
-        tracker.finished(delivery_tag)
-        if self.ack_batch == 1 and self.inflight == 1:
-            await self.flush()  # nothing else running: no batch to wait for
-            return
-        self.ack_wanted.set()
-        if tracker.pending >= self.ack_batch:
-            self.batch_full.set()
+        await self.acks.acked(delivery_tag, alone=self.inflight == 1)
 
     async def flush(self) -> None:
-        """Send the acks the tracker has ready, in order.
-
-        Every ack taken from the tracker is queued for the socket before anything
-        is awaited, so acks go out in the order taken and none is ever dropped: a
-        socket that stays backed up (a broker that stopped reading) delays them, it
-        never loses them. Then one wait, shielded and bounded by
-        :data:`SETTLE_TIMEOUT`, lets the writer drain the backlog (backpressure for
-        the handlers that follow).
-        """
-        if not self.tracker.pending:
-            return
-        ch = self.ch
-        try:
-            while acks := self.tracker.flush():
-                if not ch.is_open:
-                    return  # the broker requeues everything of a closed channel
-                for ack in acks:
-                    ch.ack_nowait(ack.delivery_tag, multiple=ack.multiple)
-            with anyio.CancelScope(shield=True) as scope:
-                scope.deadline = anyio.current_time() + SETTLE_TIMEOUT
-                await ch.wait_writable()
-        except AMQPError as exc:
-            logger.debug("acks not sent: %s", exc)
+        """Send the acks the tracker has ready (see :meth:`ChannelAcks.flush`)."""
+        await self.acks.flush()
 
     async def requeue(self, delivery_tag: int) -> None:
         """Nack with requeue: the message goes back to its queue."""
-        await self._nack(delivery_tag, requeue=True)
+        await self.acks.requeue(delivery_tag)
 
     async def reject(self, delivery_tag: int) -> None:
         """Nack without requeue: the broker dead-letters it (the queue's DLX arguments)."""
-        await self._nack(delivery_tag, requeue=False)
-
-    async def _nack(self, delivery_tag: int, *, requeue: bool) -> None:
-        self.tracker.settled(delivery_tag)
-        if not self.ch.is_open:
-            return
-        with anyio.CancelScope(shield=True) as scope:
-            scope.deadline = anyio.current_time() + SETTLE_TIMEOUT
-            try:
-                await self.ch.nack(delivery_tag, requeue=requeue)
-            except AMQPError as exc:
-                logger.debug("nack of %d not sent: %s", delivery_tag, exc)
-
-
-async def call_handler(
-    spec: ConsumerSpec, msg: Message, *, started: float | None = None, native: Native | None = None
-) -> Exception | None:
-    """Run ``spec``'s handler on ``msg`` within its timeout, counted from ``started``
-    (``anyio.current_time()``; default: now). ``native``: the running loop's
-    primitives, when the caller has them already.
-
-    Returns the exception the handler raised (a :class:`TimeoutError` when it ran out
-    of time), or None when it returned. A cancellation from outside, and exceptions
-    that are not an ``Exception`` (``KeyboardInterrupt``, ...), propagate.
-    """
-    try:
-        if spec.timeout is None:
-            await spec.handler(msg)
-            return None
-        native = native or Native()
-        if started is None:
-            started = native.current_time()
-        with native.cancel_scope(deadline=started + spec.timeout) as scope:
-            await spec.handler(msg)
-    except Exception as exc:
-        return exc
-    except asyncio.CancelledError as exc:
-        # On asyncio a handler can raise CancelledError of its own accord: it awaited
-        # a future or task that something else cancelled. Only a request to cancel
-        # this task is a cancellation; anything else (on trio: always) is a failure.
-        if asyncio_cancel_requested():
-            raise
-        error = RuntimeError(
-            "the handler raised asyncio.CancelledError while nothing was cancelling it "
-            "(it awaited a future or task that was cancelled elsewhere)"
-        )
-        error.__cause__ = exc
-        return error
-    # cancel_called, not cancelled_caught: a handler that swallowed the cancellation
-    # and returned still ran out of time.
-    if scope.cancel_called:
-        return TimeoutError(f"the handler exceeded its timeout of {spec.timeout:g} s")
-    return None
-
-
-def _original_route(msg: Message) -> FieldTable:
-    """Where ``msg`` was first published, for a copy (unless it carries that already)."""
-    if ORIGINAL_ROUTING_KEY_HEADER in msg.headers:
-        return {}
-    return {ORIGINAL_EXCHANGE_HEADER: msg.exchange, ORIGINAL_ROUTING_KEY_HEADER: msg.routing_key}
-
-
-def retry_headers(msg: Message) -> FieldTable:
-    """The headers a retry copy of ``msg`` gets (over the original's)."""
-    return {ATTEMPT_HEADER: msg.attempt + 1, **_original_route(msg)}
-
-
-def dead_letter_headers(msg: Message, outcome: Outcome) -> FieldTable:
-    """The headers a dead-letter copy of ``msg`` gets: the reason, where and when."""
-    now = datetime.datetime.now(datetime.UTC)
-    return {
-        "x-error-type": outcome.error_type,
-        "x-error-message": outcome.error_message,
-        "x-failed-queue": msg.queue,
-        ATTEMPT_HEADER: msg.attempt,
-        "x-failed-at": now.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
-        **_original_route(msg),
-    }
-
-
-def copy_headers(original: FieldTable | None, headers: FieldTable) -> FieldTable:
-    """The headers of a retry or dead-letter copy: the original's, updated.
-
-    The original's headers as received (``Headers``) stay ``Headers``, so that the
-    copy carries each of their entries as it was encoded (design section 3)."""
-    merged = original.copy() if isinstance(original, Headers) else dict(original or {})
-    # The copy is a new message: the broker's counts of the original's deliveries are
-    # in its x-attempt already, and would otherwise be counted again.
-    for name in BROKER_COUNT_HEADERS:
-        merged.pop(name, None)
-    merged.update(headers)
-    return merged
-
-
-def _copy_properties(properties: Properties, headers: FieldTable) -> Properties:
-    """The properties of a retry or dead-letter copy: the original's plus ``headers``,
-    persistent, and without ``expiration`` (as the broker's own dead-lettering does:
-    a per-message TTL would silently drop the copy from the dead-letter queue, or cut
-    a retry delay short). Every other property is the original's: re-encoded, each
-    gives the same bytes (a timestamp too, whatever its size: see ``amqp._codec``)."""
-    copy = Properties(
-        content_type=properties.content_type,
-        content_encoding=properties.content_encoding,
-        headers=copy_headers(properties.headers, headers),
-        delivery_mode=2,
-        priority=properties.priority,
-        correlation_id=properties.correlation_id,
-        reply_to=properties.reply_to,
-        message_id=properties.message_id,
-        timestamp=properties.timestamp,
-        message_type=properties.message_type,
-        user_id=properties.user_id,
-        app_id=properties.app_id,
-    )
-    copy.cluster_id = properties.cluster_id  # pamqp's constructor refuses one
-    return copy
+        await self.acks.reject(delivery_tag)
 
 
 class Dispatcher:
@@ -410,8 +162,12 @@ class Dispatcher:
         backoff: Backoff = DEFAULT_BACKOFF,
         consumer_timeout: float = DEFAULT_CONSUMER_TIMEOUT,
         on_consumer_timeout: Callable[[str], None] = lambda queue: None,
+        pipeline: Pipeline | None = None,
     ) -> None:
         self.spec = spec
+        #: How the handler is called (built by the App with its middleware and
+        #: replies; by default the bare handler's).
+        self.pipeline = pipeline if pipeline is not None else build_pipeline(spec)
         self.queue = spec.queue
         self.prefetch = prefetch
         self.shutdown = shutdown
@@ -425,8 +181,7 @@ class Dispatcher:
         self._random = random
         self._backoff = backoff
         self._state: _ChannelState | None = None
-        #: When this consumer last declared each ad-hoc retry queue (a bounded set).
-        self._leases: dict[str, float] = {}
+        self._settlement = Settlement(spec)
         #: The running loop's primitives; set when a channel is served.
         self._native: Native
 
@@ -461,7 +216,7 @@ class Dispatcher:
             declared: The supervisor declared this consumer's topology just before
                 (else the consumer declares it on its own channel first).
         """
-        self._publishing = publishing
+        self._settlement.publishing = publishing
         status: anyio.abc.TaskStatus[None] | None = task_status
         failures = 0
         declare = not declared
@@ -545,7 +300,7 @@ class Dispatcher:
         error: AMQPError | None = None
         try:
             async with native.task_group() as handlers:
-                handlers.start_soon(state.acker)
+                handlers.start_soon(state.acks.acker)
                 intake = self.shutdown.intake_scope()
 
                 def take(delivery: Delivery) -> bool:
@@ -735,9 +490,13 @@ class Dispatcher:
         try:
             try:
                 if spec.idempotency is None:
-                    error = await call_handler(spec, msg, started=started, native=native)
+                    error = await call_handler(
+                        spec, msg, pipeline=self.pipeline, started=started, native=native
+                    )
                 else:  # skip a handled key; the handler's timeout starts once claimed
-                    run = functools.partial(call_handler, spec, msg, native=native)
+                    run = functools.partial(
+                        call_handler, spec, msg, pipeline=self.pipeline, native=native
+                    )
                     error = await guard(spec.idempotency, msg, run, handler_timeout=spec.timeout)
             except anyio.get_cancelled_exc_class():
                 # shutdown after the grace period, or the channel/connection is gone
@@ -764,120 +523,11 @@ class Dispatcher:
                 await state.acked(delivery.delivery_tag)
             else:
                 with anyio.CancelScope(shield=True):
-                    outcome = await self._settle(state, msg, outcome)
+                    outcome = await self._settlement.settle(state, msg, outcome)
             self._record(msg, outcome, started, error)
         finally:
             del state.running[delivery.delivery_tag]
             state.ended()
-
-    async def _settle(self, state: _ChannelState, msg: Message, outcome: Outcome) -> Outcome:
-        """Carry out ``outcome``; returns what was actually done."""
-        tag = msg.delivery_tag
-        kind = outcome.kind
-        if kind is OutcomeKind.REQUEUE:
-            await state.requeue(tag)
-            return outcome
-        published = False
-        connection_lost = False  # the publishing connection broke: no refusal
-        with anyio.move_on_after(SETTLE_TIMEOUT):
-            try:
-                if kind is OutcomeKind.RETRY:
-                    await self._publish_retry(msg, outcome)
-                else:
-                    await self._publish_dead_letter(msg, outcome)
-                published = True
-            except AMQPError as exc:
-                if isinstance(exc, ChannelClosed) and exc.message_too_large:
-                    # over the broker's max_message_size: no retry will help
-                    return await self._reject_uncopyable(state, msg, exc)
-                connection_lost = isinstance(exc, ConnectionLost)
-                logger.error(
-                    "queue %r: could not publish message %r (delivery_tag %d) to its %s "
-                    "queue: %s; it goes back to the queue",
-                    self.queue,
-                    msg.message_id,
-                    tag,
-                    "retry" if kind is OutcomeKind.RETRY else "dead-letter",
-                    exc,
-                )
-            except ValueError as exc:  # the copy cannot be encoded: no retry will help
-                return await self._reject_uncopyable(state, msg, exc)
-        if not published:
-            if state.ch.is_open and not connection_lost:  # refused or no confirm in time
-                await anyio.sleep(SETTLE_FAILURE_PAUSE)
-            # (on a closed channel the broker requeues it itself; and a lost publishing
-            # connection is no refusal: its loss often comes with the consumers' own,
-            # whose reconnect this shielded pause would hold up)
-            await state.requeue(tag)
-            return Outcome(OutcomeKind.REQUEUE, error_type=outcome.error_type)
-        await state.acked(tag)
-        return outcome
-
-    async def _reject_uncopyable(
-        self, state: _ChannelState, msg: Message, exc: Exception
-    ) -> Outcome:
-        """A copy of ``msg`` can never be published (it cannot be encoded, or it is
-        larger than the broker accepts): reject the original, so that the broker
-        dead-letters it as it is, instead of requeueing it forever."""
-        logger.error(
-            "queue %r: message %r (delivery_tag %d) cannot be copied: %s; it is "
-            "rejected, so the broker dead-letters it as it is (without x-error "
-            "headers)",
-            self.queue,
-            msg.message_id,
-            msg.delivery_tag,
-            exc,
-        )
-        await state.reject(msg.delivery_tag)
-        return Outcome(OutcomeKind.DEAD_LETTER, error_type=error_type(exc))
-
-    async def _publish_retry(self, msg: Message, outcome: Outcome) -> None:
-        delay = outcome.delay
-        assert delay is not None
-        queue = retry_queue_name(self.queue, delay)
-        arguments = retry_arguments(self.spec, delay)
-        if self.spec.retry.is_ad_hoc(delay):
-            # An ad-hoc queue expires when unused; publishing does not renew its
-            # lease, declaring does: declare it when our last declaration is old.
-            now = anyio.current_time()
-            if now - self._leases.get(queue, -math.inf) >= AD_HOC_LEASE_RENEWAL:
-                await self._publishing.declare_queue(
-                    queue, arguments, durable=self.spec.durable, purpose=COPIES
-                )
-                self._leases[queue] = now
-        await self._publish_copy(msg, queue, arguments, retry_headers(msg))
-
-    async def _publish_copy(
-        self, msg: Message, queue: str, arguments: FieldTable | None, headers: FieldTable
-    ) -> None:
-        """Publish a confirmed copy of ``msg`` to ``queue``; when no such queue exists
-        (a delay outside the policy, or a queue deleted on the broker) declare it and
-        publish once more."""
-        publishing = self._publishing
-        publish = functools.partial(
-            publishing.publish,
-            msg.body,
-            purpose=COPIES,
-            exchange="",
-            routing_key=queue,
-            properties=_copy_properties(msg.properties, headers),
-            mandatory=True,
-        )
-        try:
-            await publish()
-        except MessageReturned:
-            await publishing.declare_queue(
-                queue, arguments, durable=self.spec.durable, purpose=COPIES
-            )
-            await publish()
-
-    async def _publish_dead_letter(self, msg: Message, outcome: Outcome) -> None:
-        await self._publish_copy(
-            msg,
-            dead_letter_queue_name(self.queue),
-            dead_letter_arguments(self.spec),
-            dead_letter_headers(msg, outcome),
-        )
 
     def _record(
         self, msg: Message, outcome: Outcome, started: float, error: BaseException | None

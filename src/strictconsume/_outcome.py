@@ -8,7 +8,8 @@ raises ``Reject(reason)``                  ``dead_letter`` now, no retry
 raises ``RetryLater(delay=None)``          ``retry`` (an attempt; dead_letter when the
                                            policy's attempts are used up)
 raises ``Requeue()``                       ``requeue``: nack with requeue, no attempt
-raises ``DecodeError`` (``msg.json()``)    ``dead_letter`` now: bad input is not retried
+raises ``DecodeError`` (``msg.json()``,    ``dead_letter`` now: bad input is not retried
+an ``InvalidBody`` typed body)
 raises any other exception, or times out   ``retry`` per policy, then ``dead_letter``
 is cancelled (shutdown after the grace)    ``cancelled``: nack with requeue
 is skipped, its key handled already        ``duplicate``: ack (see ``idempotency``)

@@ -16,17 +16,20 @@ channel whenever its current one was closed.
 from __future__ import annotations
 
 import contextlib
+import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 import anyio
 import anyio.abc
 
-from .amqp import AMQPError, ChannelClosed, ConnectionLost, Properties, connect
+from ._request import request
+from .amqp import AMQPError, ChannelClosed, ConnectionLost, Flag, Properties, connect
 
 if TYPE_CHECKING:
     from pamqp.common import FieldTable
 
+    from ._message import Message
     from .amqp import Channel, Connection, ConnectionParameters
 
 __all__ = [
@@ -86,8 +89,9 @@ class PublishChannel:
 
     def __init__(self) -> None:
         self._channel: Channel | None = None
-        self._changed = anyio.Event()  # set (and replaced) whenever _channel changes
-        self._broken = anyio.Event()
+        self._connection: Connection | None = None
+        self._changed = Flag()  # pulsed whenever _channel changes
+        self._broken = Flag()
         self._finished = False
 
     async def run(
@@ -97,12 +101,14 @@ class PublishChannel:
         task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
     ) -> None:
         """Keep a confirmed channel open on ``conn`` until cancelled."""
+        self._connection = conn
         started = False
         try:
             while True:
-                # A fresh event per channel, made before the channel is published:
-                # whoever saw an earlier channel fail can only break that one.
-                broken = self._broken = anyio.Event()
+                # Cleared per channel before the channel is published: whoever saw an
+                # earlier channel fail can only break that one.
+                broken = self._broken
+                broken.clear()
                 async with conn.channel(confirms=True) as ch:
                     self._set(ch)
                     if not started:
@@ -114,10 +120,19 @@ class PublishChannel:
             self._finished = True
             self._set(None)
 
+    async def connection(self) -> Connection:
+        """The connection of the open publishing channel (waits as :meth:`channel`).
+
+        Raises:
+            PublishChannelGone: the connection ended.
+        """
+        await self.channel()
+        assert self._connection is not None
+        return self._connection
+
     def _set(self, ch: Channel | None) -> None:
         self._channel = ch
-        changed, self._changed = self._changed, anyio.Event()
-        changed.set()
+        self._changed.pulse()
 
     async def channel(self) -> Channel:
         """The open publishing channel (waits while it is being reopened).
@@ -131,10 +146,10 @@ class PublishChannel:
             ch = self._channel
             if ch is not None and ch.is_open:
                 return ch
-            changed = self._changed
+            changed = self._changed.watch()
             if ch is not None:
                 self._channel_failed(ch)
-            await changed.wait()
+            await changed()
 
     def _channel_failed(self, ch: Channel) -> None:
         if self._channel is ch:
@@ -250,6 +265,54 @@ class Publisher:
                 mandatory=mandatory,
             )
 
+    async def request(
+        self,
+        body: bytes | str,
+        *,
+        routing_key: str,
+        exchange: str = "",
+        timeout: float = 30.0,  # noqa: ASYNC109 (the reply's, part of the call)
+        headers: Mapping[str, Any] | None = None,
+        message_id: str | None = None,
+        content_type: str | None = None,
+        correlation_id: str | None = None,
+    ) -> Message:
+        """Send a request and wait for its reply (RPC over RabbitMQ's direct reply-to).
+
+        The request is published (confirmed, mandatory, transient) with ``reply_to``
+        set to ``amq.rabbitmq.reply-to`` and a ``correlation_id`` (a new uuid unless
+        given); a strictconsume handler of ``routing_key`` replies with its return
+        value. Replies are not persisted; a reply that comes after ``timeout`` is
+        dropped by the broker.
+
+        Returns:
+            The reply, as a :class:`Message` (``body``, ``json()``, ``content_type``).
+
+        Raises:
+            TimeoutError: no reply within ``timeout`` seconds.
+            MessageReturned: no queue took the request.
+        """
+        if not timeout > 0:
+            raise ValueError(f"timeout must be > 0, not {timeout!r}")
+        properties = build_properties(
+            headers=headers,
+            message_id=message_id,
+            content_type=content_type,
+            persistent=False,
+            correlation_id=correlation_id or uuid.uuid4().hex,
+        )
+        source = self._source
+        if not isinstance(source, PublishChannel):
+            source = await source.wait(purpose=USER)
+        return await request(
+            await source.connection(),
+            _body(body),
+            routing_key=routing_key,
+            exchange=exchange,
+            properties=properties,
+            timeout=timeout,
+        )
+
 
 class PublishChannelSlot:
     """The App's publishing channels (one per :data:`Purpose`), across reconnects of
@@ -261,14 +324,13 @@ class PublishChannelSlot:
 
     def __init__(self) -> None:
         self._current: Mapping[Purpose, PublishChannel] | None = None
-        self._changed = anyio.Event()
-        self._wanted = anyio.Event()
+        self._changed = Flag()
+        self._wanted = Flag()
         self._stopped = True
 
     def set(self, channels: Mapping[Purpose, PublishChannel] | None) -> None:
         self._current = channels
-        changed, self._changed = self._changed, anyio.Event()
-        changed.set()
+        self._changed.pulse()
 
     def start(self) -> None:
         self._stopped = False
@@ -279,8 +341,7 @@ class PublishChannelSlot:
 
     async def wait_wanted(self) -> None:
         """Return once someone waits for a publishing channel."""
-        await self._wanted.wait()
-        self._wanted = anyio.Event()
+        await self._wanted.take()
 
     async def wait(
         self, stale: PublishChannel | None = None, *, purpose: Purpose = USER
@@ -300,9 +361,9 @@ class PublishChannelSlot:
             current = self._current[purpose] if self._current is not None else None
             if current is not None and current is not stale:
                 return current
-            changed = self._changed
+            changed = self._changed.watch()
             self._wanted.set()
-            await changed.wait()
+            await changed()
 
     async def publish(
         self,

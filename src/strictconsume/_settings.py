@@ -28,13 +28,36 @@ from typing import Any, Literal
 
 import attrs
 
-from ._http import parse_address
 from .amqp import ConnectionParameters, parse_url, redact_url
 
-__all__ = ["DEFAULT_URL", "ENV_PREFIX", "Settings", "SettingsError", "resolve_settings"]
+__all__ = [
+    "DEFAULT_URL",
+    "ENV_PREFIX",
+    "Settings",
+    "SettingsError",
+    "parse_address",
+    "resolve_settings",
+]
 
 DEFAULT_URL = "amqp://guest:guest@localhost:5672/"
 ENV_PREFIX = "STRICTCONSUME_"
+
+
+def parse_address(value: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[::1]:PORT`` for IPv6; ``:PORT`` for every interface).
+
+    Raises:
+        ValueError: not of that form.
+    """
+    host, sep, port_text = value.strip().rpartition(":")
+    if not sep or not port_text.isascii() or not port_text.isdecimal():
+        raise ValueError("must be HOST:PORT, for example 127.0.0.1:9000 or :9000")
+    port = int(port_text)
+    if not 0 <= port <= 65535:
+        raise ValueError("the port must be from 0 to 65535")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host or "0.0.0.0", port
 
 
 class SettingsError(ValueError):

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import logging
 import random as random_module
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING
 
@@ -39,9 +39,10 @@ import anyio
 import anyio.abc
 
 from ._backoff import DEFAULT_BACKOFF, Backoff
-from ._dispatch import DEFAULT_CONSUMER_TIMEOUT, Dispatcher, OutcomeHook, Shutdown
+from ._dispatch import DEFAULT_CONSUMER_TIMEOUT, Dispatcher, OutcomeHook
 from ._outcome import sole_exception
 from ._publisher import PublishChannelSlot
+from ._shutdown import Shutdown
 from ._topology import TopologyError, declare_consumer
 from ._versions import describe
 from .amqp import (
@@ -57,6 +58,7 @@ from .amqp import (
 
 if TYPE_CHECKING:
     from ._consumer import ConsumerSpec
+    from ._pipeline import Pipeline
 
 __all__ = ["StartupError", "Supervisor"]
 
@@ -97,6 +99,7 @@ class Supervisor:
         random: random_module.Random | None = None,
         backoff: Backoff = DEFAULT_BACKOFF,
         connect: Connect = _connect,
+        pipelines: Mapping[str, Pipeline] | None = None,
     ) -> None:
         if not parameters:
             raise ValueError("at least one URL is needed")
@@ -126,6 +129,7 @@ class Supervisor:
                 backoff=backoff,
                 consumer_timeout=consumer_timeout,
                 on_consumer_timeout=on_consumer_timeout,
+                pipeline=None if pipelines is None else pipelines[spec.queue],
             )
             for spec in self.specs
         ]

@@ -28,22 +28,27 @@ from __future__ import annotations
 
 import functools
 import json as json_module
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 import anyio
 import attrs
 
 from ._consumer import SPEC_ATTRIBUTE, ConsumerSpec
-from ._dispatch import call_handler, copy_headers, dead_letter_headers, retry_headers
+from ._copies import copy_headers, dead_letter_headers, retry_headers
+from ._handler import call_handler
 from ._message import ATTEMPT_HEADER, DELIVERY_COUNT_HEADER, Message
 from ._outcome import OutcomeKind, decide, error_type, sole_exception
+from ._pipeline import build_pipeline
+from ._reply import Reply
 from ._retry import Retry, dead_letter_queue_name, retry_queue_name
-from .amqp import Delivery, Properties
-from .amqp._codec import decode_properties, encode_properties
+from .amqp import Delivery, Properties, decode_properties, encode_properties
 
 if TYPE_CHECKING:
     from pamqp.common import FieldTable
+
+    from ._app import App
+    from ._middleware import CallNext, Middleware
 
 __all__ = ["HandlerResult", "run_handler", "run_handler_sync"]
 
@@ -68,6 +73,10 @@ class HandlerResult:
     destination: str | None = None
     #: The headers the copy would carry (the original's, updated), else empty.
     headers: FieldTable = attrs.field(factory=dict)
+    #: What the handler returned (after the middleware), when it returned.
+    value: Any = None
+    #: The reply the App would publish (the message had ``reply_to``), else None.
+    reply: Reply | None = None
 
     @property
     def acked(self) -> bool:
@@ -75,7 +84,7 @@ class HandlerResult:
 
 
 def _spec_of(
-    handler: Callable[[Message], Awaitable[Any]] | ConsumerSpec,
+    handler: Callable[..., Awaitable[Any]] | Callable[..., Any] | ConsumerSpec,
     queue: str | None,
     timeout: float | None,
     retry: Retry | None,
@@ -158,7 +167,7 @@ def _copy_of(properties: Properties) -> Properties:
 
 
 async def run_handler(
-    handler: Callable[[Message], Awaitable[Any]] | ConsumerSpec,
+    handler: Callable[..., Awaitable[Any]] | Callable[..., Any] | ConsumerSpec,
     body: bytes | str = b"",
     *,
     json: Any = _MISSING,
@@ -174,13 +183,19 @@ async def run_handler(
     queue: str | None = None,
     timeout: float | None = _MISSING,  # noqa: ASYNC109 (the handler's, as in @consumer)
     retry: Retry | None = None,
+    reply_to: str | None = None,
+    correlation_id: str | None = None,
+    middleware: Sequence[Middleware] = (),
+    app: App | None = None,
 ) -> HandlerResult:
     """Run ``handler`` on one message and return what the App would do with it.
 
     Args:
         handler: A function decorated with ``@consumer`` / ``@app.consumer`` (its
-            queue, timeout and retry policy apply), a :class:`ConsumerSpec`, or a plain
-            ``async def`` (queue ``"test"``, no timeout, the default retry policy).
+            queue, timeout, retry policy and middleware apply), a
+            :class:`ConsumerSpec`, or a plain function (queue ``"test"``, no timeout,
+            the default retry policy). It is called as the App calls it: its typed
+            body decoded, a plain ``def`` in a worker thread, inside the middleware.
         body: The body (``str`` is encoded as UTF-8); or ``json=`` a value to encode
             (content type ``application/json``).
         headers, properties, message_id, content_type: The message's properties.
@@ -189,6 +204,10 @@ async def run_handler(
         delivery_count: A quorum queue's ``x-delivery-count`` (returns before this).
         routing_key, exchange, redelivered: As delivered (routing key: the queue).
         queue, timeout, retry: Override the consumer's.
+        reply_to, correlation_id: Make the message a request: the handler's return
+            value becomes :attr:`HandlerResult.reply` (what the App would publish).
+        middleware: The App's middleware, around the consumer's own.
+        app: Take the App's middleware (``middleware=`` comes inside it).
 
     Raises:
         BaseException: what the handler raised that is not an ``Exception``
@@ -196,6 +215,26 @@ async def run_handler(
             message and stop.
     """
     spec = _spec_of(handler, queue, timeout, retry)
+    replies: list[Reply] = []
+
+    async def capture(reply: Reply) -> None:
+        replies.append(reply)
+
+    returned: list[Any] = []
+
+    async def keep(msg: Message, call_next: CallNext) -> Any:
+        value = await call_next(msg)
+        returned.append(value)
+        return value
+
+    outer = (*app.middleware, *middleware) if app is not None else tuple(middleware)
+    pipeline = build_pipeline(spec, middleware=(keep, *outer), reply=capture)
+
+    if reply_to is not None or correlation_id is not None:
+        properties = _copy_of(properties) if properties is not None else Properties()
+        properties.reply_to = reply_to if reply_to is not None else properties.reply_to
+        if correlation_id is not None:
+            properties.correlation_id = correlation_id
     msg = _make_message(
         spec,
         body,
@@ -210,7 +249,7 @@ async def run_handler(
         exchange=exchange,
         redelivered=redelivered,
     )
-    error = await call_handler(spec, msg)
+    error = await call_handler(spec, msg, pipeline=pipeline)
     outcome = decide(error, attempt=msg.attempt, retry=spec.retry)
     kind = outcome.kind
     reason = outcome.error_type or None
@@ -235,11 +274,13 @@ async def run_handler(
         reason=reason,
         destination=destination,
         headers=copy,
+        value=returned[0] if returned else None,
+        reply=replies[0] if replies else None,
     )
 
 
 def run_handler_sync(
-    handler: Callable[[Message], Awaitable[Any]] | ConsumerSpec,
+    handler: Callable[..., Awaitable[Any]] | Callable[..., Any] | ConsumerSpec,
     body: bytes | str = b"",
     *,
     backend: Literal["trio", "asyncio"] = "trio",

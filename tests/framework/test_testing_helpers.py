@@ -20,7 +20,7 @@ import decimal
 import re
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import TYPE_CHECKING, Any, Literal
 
 import anyio
@@ -682,12 +682,12 @@ async def test_a_plain_function_runs_on_queue_test() -> None:
     assert (named.destination, named.message.queue) == ("invoices.retry.1000", "invoices")
 
 
-async def test_a_sync_function_is_refused() -> None:
-    def handler(msg: sc.Message) -> None:
-        """Not async."""
+async def test_an_async_generator_is_refused() -> None:
+    async def handler(msg: sc.Message) -> AsyncIterator[None]:
+        yield
 
-    with pytest.raises(TypeError, match="must be an 'async def' function"):
-        await run_handler(handler, b"x")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="must be an 'async def' or a plain 'def' function"):
+        await run_handler(handler, b"x")
 
 
 async def test_queue_and_retry_overrides() -> None:

@@ -818,19 +818,24 @@ def test_consumer_decorator_attaches_a_spec_and_returns_the_function() -> None:
     assert ConsumerSpec("q", _handler).retry == Retry()
 
 
-def test_non_async_handlers_are_refused() -> None:
-    def sync(msg: Message) -> None:
-        pass
-
+def test_async_generators_and_non_callables_are_refused_as_handlers() -> None:
     async def agen(msg: Message) -> Any:
         yield
 
-    handlers: list[Any] = [sync, agen, lambda msg: None]
-    for handler in handlers:
-        with pytest.raises(TypeError, match=r"must be an 'async def' function"):
-            consumer("orders")(handler)
-        with pytest.raises(TypeError, match=r"for queue 'orders' must be an 'async def'"):
-            ConsumerSpec("orders", handler)
+    with pytest.raises(TypeError, match=r"must be an 'async def' or a plain 'def' function"):
+        consumer("orders")(agen)
+    with pytest.raises(TypeError, match=r"for queue 'orders' must be an 'async def' or a plain"):
+        ConsumerSpec("orders", agen)
+    with pytest.raises(TypeError, match=r"for queue 'orders' must be callable, not 42"):
+        ConsumerSpec("orders", 42)  # type: ignore[arg-type]
+
+
+def test_plain_def_handlers_are_accepted() -> None:
+    def sync(msg: Message) -> None:
+        pass
+
+    assert ConsumerSpec("orders", sync).handler is sync
+    assert getattr(consumer("orders")(sync), SPEC_ATTRIBUTE).queue == "orders"
 
 
 @pytest.mark.parametrize(

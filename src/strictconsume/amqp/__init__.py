@@ -17,7 +17,10 @@ from ._channel import Consumer as Consumer
 from ._channel import QueueDeclareOk as QueueDeclareOk
 from ._codec import Headers as Headers
 from ._codec import Timestamp as Timestamp
+from ._codec import decode_properties as decode_properties
+from ._codec import encode_properties as encode_properties
 from ._connection import Connection as Connection
+from ._connection import asyncio_cancel_requested as asyncio_cancel_requested
 from ._connection import connect as connect
 from ._connection import connect_stream as connect_stream
 from ._errors import AMQPError as AMQPError
@@ -36,6 +39,8 @@ from ._protocol import GetResult as GetResult
 from ._url import ConnectionParameters as ConnectionParameters
 from ._url import parse_url as parse_url
 from ._url import redact_url as redact_url
+from ._version import __version__ as __version__
+from ._waiter import Flag as Flag
 
 #: Message properties (content_type, headers, message_id, delivery_mode, ...): pamqp's
 #: ``Basic.Properties``, so that no per-message conversion is needed.

@@ -59,7 +59,7 @@ if TYPE_CHECKING:
     from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
     from pamqp.base import Frame
 
-    from ._connection import Connection
+    from ._link import ConnectionLink
 
 __all__ = ["Channel", "Consumer", "QueueDeclareOk"]
 
@@ -167,10 +167,10 @@ class Consumer:
 class Channel:
     """An AMQP channel; open one with ``async with conn.channel() as ch``."""
 
-    def __init__(self, connection: Connection, channel_id: int) -> None:
-        self.connection = connection
+    def __init__(self, link: ConnectionLink, channel_id: int) -> None:
+        self._link = link
         self.channel_id = channel_id
-        self._core = connection._core
+        self._core = link.core
         self._replies: deque[Waiter[Frame | GetResult]] = deque()
         self._open_waiter: Waiter[None] | None = None
         self._close_waiter: Waiter[None] | None = None
@@ -196,7 +196,7 @@ class Channel:
 
     @property
     def is_open(self) -> bool:
-        return not self._closed and self.connection._error is None
+        return not self._closed and self._link.error() is None
 
     def _can_settle(self) -> bool:
         """True while acks and nacks can still go out on this channel (our own
@@ -210,7 +210,7 @@ class Channel:
             raise self._error
         if self._closed:
             raise LocalProtocolError(f"channel {self.channel_id} is closed")
-        self.connection._check_open()
+        self._link.check_open()
 
     async def _call(self, method: Frame) -> Frame | GetResult:
         """Send a synchronous method and wait for its reply, at most
@@ -223,12 +223,12 @@ class Channel:
         waiter: Waiter[Frame | GetResult] = Waiter()
         self._replies.append(waiter)
         self._core.send_method(self.channel_id, method)
-        self.connection._wake_writer()
+        self._link.wake_writer()
         limit = self.call_timeout
         with anyio.move_on_after(limit):
             return await waiter.wait()
         error = ReplyTimeout(
-            f"the broker at {self.connection.params.url} did not answer {method.name} on "
+            f"the broker at {self._link.url} did not answer {method.name} on "
             f"channel {self.channel_id} within {limit:g} s; the channel is closed (the "
             "broker or the queue's node is overloaded or partitioned)"
         )
@@ -241,7 +241,7 @@ class Channel:
         channel then waits for), every waiter fails."""
         if not self._closed and self._can_settle():
             self._core.close_channel(self.channel_id, 200, "no reply in time")
-            self.connection._wake_writer()
+            self._link.wake_writer()
             self._given_up = Waiter()
         self._fail(error)
 
@@ -454,7 +454,7 @@ class Channel:
             if requeue_unyielded and left and self._can_settle():
                 for delivery in left:
                     self._core.nack(self.channel_id, delivery.delivery_tag, requeue=True)
-                self.connection._wake_writer()
+                self._link.wake_writer()
 
     async def get(self, queue: str, *, no_ack: bool = False) -> GetResult | None:
         """Fetch one message from ``queue`` (basic.get); None when it is empty."""
@@ -484,7 +484,7 @@ class Channel:
         """
         self._check_open()
         self._core.ack(self.channel_id, delivery_tag, multiple=multiple)
-        self.connection._wake_writer()
+        self._link.wake_writer()
 
     async def wait_writable(self) -> None:
         """Wait while more than ``WRITE_HIGH_WATER`` bytes are queued for the socket."""
@@ -496,19 +496,19 @@ class Channel:
         """Negatively acknowledge: requeue (default) or drop/dead-letter the delivery."""
         self._check_open()
         self._core.nack(self.channel_id, delivery_tag, multiple=multiple, requeue=requeue)
-        self.connection._wake_writer()
+        self._link.wake_writer()
         await self._backpressure()
 
     async def reject(self, delivery_tag: int, *, requeue: bool = True) -> None:
         """Reject one delivery: requeue (default) or drop/dead-letter it."""
         self._check_open()
         self._core.reject(self.channel_id, delivery_tag, requeue=requeue)
-        self.connection._wake_writer()
+        self._link.wake_writer()
         await self._backpressure()
 
     async def _backpressure(self) -> None:
         if self._core.bytes_pending() > WRITE_HIGH_WATER:
-            await self.connection._wait_writable()
+            await self._link.wait_writable()
 
     # -- publishing ---------------------------------------------------------------------
 
@@ -551,7 +551,7 @@ class Channel:
             properties=properties,
             mandatory=mandatory,
         )
-        self.connection._wake_writer()
+        self._link.wake_writer()
         if tag is None:
             return
         waiter: Waiter[bool] = Waiter()

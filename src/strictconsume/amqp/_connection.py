@@ -41,6 +41,7 @@ from ._errors import (
     LocalProtocolError,
     ReplyTimeout,
 )
+from ._link import ConnectionLink
 from ._protocol import (
     ChannelCloseCompleted,
     ChannelClosedByBroker,
@@ -65,7 +66,7 @@ from ._protocol import (
     server_version,
 )
 from ._url import ConnectionParameters, parse_url
-from ._waiter import Waiter
+from ._waiter import Flag, Waiter
 
 __all__ = ["Connection", "asyncio_cancel_requested", "connect", "connect_stream"]
 
@@ -115,16 +116,15 @@ class Connection:
         self._error: AMQPError | None = None
         self._opened: Waiter[None] = Waiter()
         self._closed: Waiter[None] = Waiter()
-        self._write_wanted = anyio.Event()
-        self._drained = anyio.Event()
+        self._write_wanted = Flag()
+        self._drained = Flag()
         self._last_sent = 0.0
         self._last_received = 0.0
         #: (when, for how long) the heartbeat task last found the event loop had not
         #: run it for more than half an interval: something blocked this process.
         self._loop_blocked: tuple[float, float] | None = None
         self._blocked_reason: str | None = None
-        self._unblocked = anyio.Event()
-        self._unblocked.set()
+        self._unblocked = Flag(set=True)
         self._closed_by_broker: ConnectionClosed | None = None
         self._close_ok_flush_tried = False
         self._writing = False
@@ -132,6 +132,15 @@ class Connection:
         # without failing the connection): no reply can come, so closing waits for none.
         self._io_stopped = False
         self.server_properties: dict[str, object] = {}
+        # What each channel may use of this connection.
+        self._link = ConnectionLink(
+            core=self._core,
+            url=params.url,
+            error=lambda: self._error,
+            check_open=self._check_open,
+            wake_writer=self._wake_writer,
+            wait_writable=self._wait_writable,
+        )
 
     def __repr__(self) -> str:
         state = "failed" if self._error is not None else self._core.state.name.lower()
@@ -198,7 +207,7 @@ class Connection:
         """
         self._check_open()
         channel_id = self._core.open_channel()
-        ch = Channel(self, channel_id)
+        ch = Channel(self._link, channel_id)
         self._channels[channel_id] = ch
         waiter = ch._expect_open()
         self._wake_writer()
@@ -236,8 +245,7 @@ class Connection:
     async def _wait_for_writer(self, done: Callable[[], bool]) -> None:
         """Wake the writer until ``done()`` holds; checked again after each write."""
         while not done() and not self._io_stopped:
-            if self._drained.is_set():
-                self._drained = anyio.Event()
+            self._drained.clear()
             self._wake_writer()
             await self._drained.wait()
 
@@ -412,8 +420,7 @@ class Connection:
         elif isinstance(event, ConnectionBlocked):
             logger.warning("the broker at %s blocks publishing: %s", self.params.url, event.reason)
             self._blocked_reason = event.reason or "blocked"
-            if self._unblocked.is_set():
-                self._unblocked = anyio.Event()
+            self._unblocked.clear()
         elif isinstance(event, ConnectionUnblocked):
             logger.info("the broker at %s no longer blocks publishing", self.params.url)
             self._blocked_reason = None
@@ -447,8 +454,7 @@ class Connection:
         core = self._core
         try:
             while True:
-                await self._write_wanted.wait()
-                self._write_wanted = anyio.Event()
+                await self._write_wanted.take()
                 data = core.data_to_send()
                 self._writing = True
                 while data:
