@@ -16,8 +16,8 @@ import pytest
 from pamqp import commands
 
 import strictconsume as sc
-from strictconsume._dispatch import Shutdown
 from strictconsume._outcome import OutcomeKind
+from strictconsume._shutdown import Shutdown
 from strictconsume.idempotency import SQLiteStore
 
 from ..amqp.fake_broker import FakeBroker

@@ -461,7 +461,7 @@ async def test_a_relay_inside_an_app_publishes_with_confirms_and_counts(
                 return relay.stats.published == 5 and relay.stats.failed == 1
 
             await wait_until(done, what="5 published, 1 failed")
-            from strictconsume._http import _registry, render_metrics
+            from strictconsume._asgi import _registry, render_metrics
 
             text = render_metrics(_registry(app.metrics))[0].decode()
         got = [await oracle.get(queue) for _ in range(5)]

@@ -18,7 +18,7 @@ import anyio.to_thread
 import psycopg
 import psycopg_pool
 
-from ..amqp._url import redact_url
+from ..amqp import redact_url
 from ._core import StoreError
 from ._sql import SQLStore, default_clock
 

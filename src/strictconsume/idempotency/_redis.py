@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 import anyio.to_thread
 import redis
 
-from ..amqp._url import redact_url
+from ..amqp import redact_url
 from ._core import Claim, StoreError
 
 __all__ = ["RedisStore"]

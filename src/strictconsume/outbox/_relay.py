@@ -41,8 +41,8 @@ from ..amqp import AMQPError, ConnectionLost
 
 if TYPE_CHECKING:
     from .._app import App
-    from .._dispatch import Shutdown
     from .._publisher import Publisher
+    from .._shutdown import Shutdown
     from ._table import OutboxRow, OutboxTable
 
 __all__ = ["Relay", "RelayStats"]
