@@ -150,3 +150,52 @@ def own_node() -> Iterator[Node]:
         yield node
     finally:
         dev_broker(*node.args, "purge", check=False)
+
+
+# -- PostgreSQL and Redis (tests marked `services`) ------------------------------------------
+
+DEV_SERVICES = REPO / "scripts" / "dev-services"
+
+
+def _service_url(name: str, env: str) -> Iterator[str]:
+    """The URL of a running ``name`` server: ``env`` when set, else a private one of
+    scripts/dev-services, started for the session and stopped after it if it was not
+    running before."""
+    url = os.environ.get(env)
+    if url:
+        yield url
+        return
+    was_running = (
+        subprocess.run(
+            [sys.executable, str(DEV_SERVICES), "status", name], capture_output=True, check=False
+        ).returncode
+        == 0
+    )
+    started = subprocess.run(
+        [sys.executable, str(DEV_SERVICES), "start", name],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=600,
+    )
+    if started.returncode != 0:
+        pytest.fail(f"scripts/dev-services start {name} failed:\n{started.stderr}")
+    try:
+        yield started.stdout.strip()
+    finally:
+        if not was_running:
+            subprocess.run(
+                [sys.executable, str(DEV_SERVICES), "stop", name], capture_output=True, check=False
+            )
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A PostgreSQL server's URL (STRICTCONSUME_POSTGRES_URL, or a private one)."""
+    yield from _service_url("postgres", "STRICTCONSUME_POSTGRES_URL")
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """A Redis server's URL (STRICTCONSUME_REDIS_URL, or a private one)."""
+    yield from _service_url("redis", "STRICTCONSUME_REDIS_URL")

@@ -44,6 +44,8 @@ FRAMEWORK_NAMES = {
     "CallNext",
     "ConsumerSpec",
     "DecodeError",
+    "Duplicate",
+    "Idempotency",
     "InvalidBody",
     "Message",
     "Middleware",
@@ -60,6 +62,18 @@ FRAMEWORK_NAMES = {
     "consumer",
 }
 
+IDEMPOTENCY_NAMES = {
+    "Claim",
+    "Duplicate",
+    "Idempotency",
+    "IdempotencyStore",
+    "InvalidKey",
+    "PostgresStore",
+    "RedisStore",
+    "SQLiteStore",
+    "StoreError",
+}
+
 
 def _public(module: object) -> set[str]:
     # `annotations` is the `from __future__ import annotations` feature object. dir(),
@@ -73,8 +87,37 @@ def test_amqp_public_names() -> None:
 
 
 def test_framework_public_names() -> None:
-    # `testing` appears once something imported strictconsume.testing (not at run time)
-    assert _public(strictconsume) - {"testing"} == FRAMEWORK_NAMES
+    # The subpackages `testing`, `outbox` and `idempotency` appear once something imported
+    # them (the framework's names load lazily, and Idempotency with them)
+    assert _public(strictconsume) - {"testing", "outbox", "idempotency"} == FRAMEWORK_NAMES
+
+
+def test_idempotency_public_names() -> None:
+    import strictconsume.idempotency as idempotency
+
+    assert set(idempotency.__all__) == IDEMPOTENCY_NAMES
+    # the same class as strictconsume.Duplicate (which, loading the framework's names,
+    # shows it as strictconsume.Duplicate)
+    assert idempotency.Duplicate is strictconsume.Duplicate
+    for name in IDEMPOTENCY_NAMES:  # the optional drivers' stores import on demand
+        obj = getattr(idempotency, name)
+        assert obj.__module__.startswith("strictconsume"), name
+        assert "._" not in obj.__module__ or name in ("PostgresStore", "RedisStore"), name
+
+
+def test_outbox_public_names() -> None:
+    import strictconsume.outbox as outbox
+
+    assert set(outbox.__all__) == {
+        "OutboxRow",
+        "OutboxTable",
+        "PostgresOutbox",
+        "Relay",
+        "RelayStats",
+        "SQLiteOutbox",
+    }
+    for name in outbox.__all__:
+        assert getattr(outbox, name).__module__ == "strictconsume.outbox", name
 
 
 def test_testing_public_names() -> None:

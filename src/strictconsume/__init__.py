@@ -31,6 +31,7 @@ if _typing.TYPE_CHECKING:
     from ._message import Message as Message
     from ._middleware import CallNext as CallNext
     from ._middleware import Middleware as Middleware
+    from ._outcome import Duplicate as Duplicate
     from ._outcome import Reject as Reject
     from ._outcome import Requeue as Requeue
     from ._outcome import RetryLater as RetryLater
@@ -41,6 +42,7 @@ if _typing.TYPE_CHECKING:
     from ._tracing import TraceContextFilter as TraceContextFilter
     from ._tracing import TraceContextFormatter as TraceContextFormatter
     from ._typed import InvalidBody as InvalidBody
+    from .idempotency import Idempotency as Idempotency
 
 # The framework's names load on first use, so that ``import strictconsume.amqp`` (which
 # runs this module first) gives the client alone: name -> the module defining it.
@@ -53,6 +55,7 @@ _FRAMEWORK: dict[str, str] = {
     "Message": "._message",
     "CallNext": "._middleware",
     "Middleware": "._middleware",
+    "Duplicate": "._outcome",
     "Reject": "._outcome",
     "Requeue": "._outcome",
     "RetryLater": "._outcome",
@@ -63,6 +66,7 @@ _FRAMEWORK: dict[str, str] = {
     "TraceContextFilter": "._tracing",
     "TraceContextFormatter": "._tracing",
     "InvalidBody": "._typed",
+    "Idempotency": ".idempotency",
 }
 
 

@@ -34,8 +34,11 @@ from ._versions import (
     describe,
     transient_queues_deprecated,
 )
+from .idempotency._stores import open_stores
 
 if TYPE_CHECKING:
+    from collections.abc import Coroutine
+
     from opentelemetry.trace import TracerProvider
 
     from ._asgi import ASGIApp
@@ -128,6 +131,8 @@ class App:
         self._grace_period: float | None = None
         self._fatal_error: BaseException | None = None
         self._http_url: str | None = None
+        #: Tasks run in the App's task group once it started (outbox relays).
+        self._tasks: list[Callable[[Shutdown], Coroutine[Any, Any, None]]] = []
         #: The broker version the start-up warnings were given for (a sentinel: none).
         self._warned_for: object = _NOT_WARNED
         #: What ``/metrics`` shows; kept across runs of the App.
@@ -204,6 +209,12 @@ class App:
     @property
     def consumers(self) -> tuple[ConsumerSpec, ...]:
         return tuple(self._specs)
+
+    def add_task(self, task: Callable[[Shutdown], Coroutine[Any, Any, None]]) -> None:
+        """Run ``task(shutdown)`` in the App's task group while the App runs, from the
+        moment it is ready (an outbox relay, see ``strictconsume.outbox.Relay``). It
+        must return soon after ``await shutdown.wait()`` returns (a graceful stop)."""
+        self._tasks.append(task)
 
     # -- settings -----------------------------------------------------------------------
 
@@ -402,7 +413,7 @@ class App:
         if self._supervisor is not None:
             raise RuntimeError("this App is running already")
         settings = self.settings
-        if not self._specs:
+        if not self._specs and not self._tasks:
             logger.warning("the App has no consumers")
         self._start_consumers()
         try:
@@ -455,12 +466,15 @@ class App:
                 if settings.http is not None:
                     server = self._http_server(settings.http)
                     self._http_url = await stack.enter_async_context(server.serving())
+                await stack.enter_async_context(open_stores(self._specs))  # idempotency
                 async with anyio.create_task_group() as tg:
                     try:
                         await tg.start(supervisor.run)
                     except StartupError as exc:
                         startup_error = exc
                     if startup_error is None:
+                        for task in self._tasks:  # outbox relays
+                            tg.start_soon(task, shutdown)
                         try:
                             yield self
                         except BaseException as exc:  # re-raised below, outside the group
@@ -519,9 +533,14 @@ class App:
     def _log_stopped(self, before: Counter[tuple[str, str]], *, cancelled: bool = False) -> None:
         """One line for the end of a run, with its count of each outcome."""
         run = self.metrics.messages - before
-        counts = ", ".join(
-            f"{kind.value} {sum(n for (_, outcome), n in run.items() if outcome == kind.value)}"
+        totals = {
+            kind: sum(n for (_, outcome), n in run.items() if outcome == kind.value)
             for kind in OutcomeKind
+        }
+        counts = ", ".join(
+            f"{kind.value} {n}"
+            for kind, n in totals.items()
+            if n or kind is not OutcomeKind.DUPLICATE  # only idempotent consumers have them
         )
         if cancelled:
             logger.warning(

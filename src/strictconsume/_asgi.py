@@ -82,7 +82,7 @@ def _registry(metrics: Metrics) -> CollectorRegistry:
             messages = CounterMetricFamily(
                 "strictconsume_messages",
                 "Messages handled, by queue and outcome "
-                "(ack, retry, dead_letter, requeue, cancelled).",
+                "(ack, retry, dead_letter, requeue, cancelled, duplicate).",
                 labels=["queue", "outcome"],
             )
             for (queue, outcome), count in sorted(metrics.messages.items()):
@@ -121,6 +121,8 @@ def _registry(metrics: Metrics) -> CollectorRegistry:
             for queue, count in sorted(metrics.consumer_timeouts.items()):
                 timeouts.add_metric([queue], count)
             yield timeouts
+            for collector in metrics.collectors:  # an outbox relay's
+                yield from collector.collect()
 
     registry = CollectorRegistry(auto_describe=False)
     registry.register(Collector())

@@ -49,7 +49,8 @@ def _parser() -> argparse.ArgumentParser:
         prog="python -m strictconsume",
         description=(
             "Run the RabbitMQ consumers of MODULE: the App named ATTR, or every function "
-            "decorated with @strictconsume.consumer in MODULE. Settings come from the "
+            "decorated with @strictconsume.consumer in MODULE; `relay MODULE:ATTR` runs "
+            "the outbox Relay named ATTR. Settings come from the "
             "code, then STRICTCONSUME_* environment variables, then these options. "
             "SIGTERM or SIGINT stops gracefully; a second signal skips the grace period."
         ),
@@ -174,6 +175,10 @@ def load_app(target: str) -> App:
             app = getattr(module, attr)
         except AttributeError:
             raise UsageError(f"module {module_name!r} has no attribute {attr!r}") from None
+        from .outbox import Relay
+
+        if isinstance(app, Relay):  # python -m strictconsume relay MODULE:ATTR
+            return app.standalone_app()
         if not isinstance(app, App):
             raise UsageError(f"{target} is a {type(app).__name__}, not a strictconsume.App")
         return app
@@ -274,6 +279,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return dlq_main(argv[1:])
     parser = _parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["relay"]:  # python -m strictconsume relay MODULE:ATTR (an outbox Relay)
+        argv = argv[1:]
     args = parser.parse_args(argv)
     try:
         app = load_app(args.target)

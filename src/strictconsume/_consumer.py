@@ -14,6 +14,8 @@ from ._retry import Retry
 if TYPE_CHECKING:
     from pamqp.common import FieldTable
 
+    from .idempotency import Idempotency
+
 
 __all__ = [
     "SPEC_ATTRIBUTE",
@@ -175,6 +177,15 @@ class ConsumerSpec:
     enabled: bool = attrs.field(default=True, validator=attrs.validators.instance_of(bool))
     #: The name settings files and variables use for this consumer (default: the queue).
     settings_name: str | None = attrs.field(default=None, validator=_optional_settings_name)
+    #: Skip messages whose key was handled already (``strictconsume.Idempotency``).
+    idempotency: Idempotency | None = attrs.field(default=None, eq=False)
+
+    @idempotency.validator
+    def _check_idempotency(self, attribute: attrs.Attribute[Any], value: Any) -> None:
+        from .idempotency import Idempotency
+
+        if value is not None and not isinstance(value, Idempotency):
+            raise TypeError(f"idempotency must be a strictconsume.Idempotency, not {value!r}")
 
     @delivery_limit.validator
     def _check_delivery_limit(self, attribute: attrs.Attribute[Any], value: Any) -> None:
@@ -247,6 +258,7 @@ class ConsumerOptions(TypedDict, total=False):
     middleware: Iterable[Middleware]
     enabled: bool
     settings_name: str | None
+    idempotency: Idempotency | None
 
 
 def check_options(options: Mapping[str, object], caller: str) -> None:
@@ -294,6 +306,9 @@ def consumer(queue: str, **options: Unpack[ConsumerOptions]) -> Callable[[H], H]
         settings_name: The name of the consumer in a settings file
             (``[consumers.NAME]``) and in ``STRICTCONSUME_CONSUMERS__NAME__*``
             variables; default: the queue's name.
+        idempotency: Skip a message whose key (its ``message_id`` by default) was
+            handled already: ``sc.Idempotency(store, key=..., ttl=...)``; it is acked
+            as a ``duplicate`` without running the handler.
     """
 
     check_options(options, "consumer")

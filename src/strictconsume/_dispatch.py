@@ -26,6 +26,7 @@ has a new tracker and the old one's handlers are cancelled before it closes.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Callable
@@ -49,6 +50,7 @@ from ._shutdown import Shutdown
 from ._topology import TopologyError, declare_consumer
 from ._versions import Version, consumer_timeout_argument, consumer_timeout_cancels
 from .amqp import AMQPError, ChannelClosed, ConsumerCancelled, Flag
+from .idempotency._core import guard, log_duplicate
 
 if TYPE_CHECKING:
     import random as random_module
@@ -499,9 +501,15 @@ class Dispatcher:
         state.running[delivery.delivery_tag] = (started, msg.message_id)
         try:
             try:
-                error = await call_handler(
-                    spec, msg, pipeline=self.pipeline, started=started, native=native
-                )
+                if spec.idempotency is None:
+                    error = await call_handler(
+                        spec, msg, pipeline=self.pipeline, started=started, native=native
+                    )
+                else:  # skip a handled key; the handler's timeout starts once claimed
+                    run = functools.partial(
+                        call_handler, spec, msg, pipeline=self.pipeline, native=native
+                    )
+                    error = await guard(spec.idempotency, msg, run, handler_timeout=spec.timeout)
             except anyio.get_cancelled_exc_class():
                 # shutdown after the grace period, or the channel/connection is gone
                 await state.requeue(delivery.delivery_tag)
@@ -523,7 +531,7 @@ class Dispatcher:
                 self._record(msg, Outcome(OutcomeKind.CANCELLED), started, None)
                 return
             outcome = decide(error, attempt=msg.attempt, retry=spec.retry)
-            if outcome.kind is OutcomeKind.ACK:
+            if outcome.kind is OutcomeKind.ACK or outcome.kind is OutcomeKind.DUPLICATE:
                 await state.acked(delivery.delivery_tag)
             else:
                 with anyio.CancelScope(shield=True):
@@ -541,6 +549,9 @@ class Dispatcher:
         if self.pipeline.tracing is not None:
             self.pipeline.tracing.outcome(outcome, error)
         if outcome.kind is OutcomeKind.ACK or outcome.kind is OutcomeKind.CANCELLED:
+            return
+        if outcome.kind is OutcomeKind.DUPLICATE:
+            log_duplicate(msg, error, duration)
             return
         if outcome.kind is OutcomeKind.RETRY:
             action = f"retry in {outcome.delay:g} s"

@@ -92,7 +92,8 @@ class Metrics:
     connected: Callable[[], bool] = lambda: False
     inflight: Callable[[], dict[str, int]] = dict
     #: prometheus-client collectors scraped beside these counters (``collect()``
-    #: yielding metric families): the queue statistics of :mod:`._queue_stats`.
+    #: yielding metric families): the queue statistics of :mod:`._queue_stats`, an
+    #: outbox relay's.
     collectors: list[Any] = attrs.Factory(list)
 
     def add_queues(self, queues: Iterable[str]) -> None:

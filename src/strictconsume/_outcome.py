@@ -12,6 +12,8 @@ raises ``DecodeError`` (``msg.json()``,    ``dead_letter`` now: bad input is not
 an ``InvalidBody`` typed body)
 raises any other exception, or times out   ``retry`` per policy, then ``dead_letter``
 is cancelled (shutdown after the grace)    ``cancelled``: nack with requeue
+is skipped, its key handled already        ``duplicate``: ack (see ``idempotency``)
+raises ``Duplicate`` (``Idempotency.mark``) ``duplicate``: ack
 =========================================  ===========================================
 
 A handler that loses its channel or connection mid-way is cancelled too; its message
@@ -30,6 +32,7 @@ from ._message import DecodeError
 from ._retry import Retry
 
 __all__ = [
+    "Duplicate",
     "Outcome",
     "OutcomeKind",
     "Reject",
@@ -68,6 +71,17 @@ class Requeue(Exception):
     """Raise to put the message back in its queue (nack with requeue); not an attempt."""
 
 
+class Duplicate(Exception):
+    """The message's idempotency key was handled already: it is acked without doing
+    the handler's work again (the outcome ``duplicate``). ``Idempotency.mark`` raises
+    it inside the handler's own transaction: let it propagate (rolling the
+    transaction back) and out of the handler."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(f"key {key!r} was handled already")
+        self.key = key
+
+
 class OutcomeKind(enum.Enum):
     """What happens to a message; the values are the ``outcome`` label of the metrics."""
 
@@ -76,6 +90,7 @@ class OutcomeKind(enum.Enum):
     DEAD_LETTER = "dead_letter"
     REQUEUE = "requeue"
     CANCELLED = "cancelled"
+    DUPLICATE = "duplicate"
 
 
 @attrs.frozen
@@ -121,6 +136,8 @@ def decide(error: BaseException | None, *, attempt: int, retry: Retry) -> Outcom
     if error is None:
         return Outcome(OutcomeKind.ACK)
     error = sole_exception(error)
+    if isinstance(error, Duplicate):
+        return Outcome(OutcomeKind.DUPLICATE)
     if isinstance(error, Requeue):
         return Outcome(OutcomeKind.REQUEUE)
     kind, message = error_type(error), _error_message(error)

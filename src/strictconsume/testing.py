@@ -60,7 +60,7 @@ class HandlerResult:
     """What the App would do with the message after the handler ran."""
 
     #: ``"ack"``, ``"retry"``, ``"dead_letter"`` or ``"requeue"``.
-    outcome: Literal["ack", "retry", "dead_letter", "requeue"]
+    outcome: Literal["ack", "retry", "dead_letter", "requeue", "duplicate"]
     #: The message as the handler saw it.
     message: Message
     #: What the handler raised (a ``TimeoutError`` when it ran out of time), else None.

@@ -4,12 +4,14 @@ unchanged through both decorators."""
 from __future__ import annotations
 
 import typing
+from pathlib import Path
 
 import attrs
 import pytest
 
 import strictconsume as sc
 from strictconsume._consumer import ConsumerOptions
+from strictconsume.idempotency import SQLiteStore
 
 
 async def handler(msg: sc.Message) -> None:
@@ -39,7 +41,8 @@ def test_the_options_are_the_specs_fields_with_the_same_types() -> None:
             assert text == spec_type, name
 
 
-def test_both_decorators_give_the_spec_every_option() -> None:
+def test_both_decorators_give_the_spec_every_option(tmp_path: Path) -> None:
+    idempotency = sc.Idempotency(SQLiteStore(tmp_path / "handled.db"))
     options: ConsumerOptions = {
         "prefetch": 20,
         "timeout": 5.0,
@@ -52,6 +55,7 @@ def test_both_decorators_give_the_spec_every_option() -> None:
         "delivery_limit": 3,
         "consumer_timeout": 60.0,
         "middleware": [middleware],
+        "idempotency": idempotency,
     }
     app = sc.App()
     app.consumer("orders", **options)(handler)
@@ -62,6 +66,7 @@ def test_both_decorators_give_the_spec_every_option() -> None:
         # not part of the spec's equality
         assert spec.arguments == {"x-max-length": 10}
         assert spec.middleware == (middleware,)
+        assert spec.idempotency is idempotency
     assert sc.consumer("orders")(handler).__strictconsume_consumer__ == sc.ConsumerSpec(  # type: ignore[attr-defined]
         "orders", handler
     )
