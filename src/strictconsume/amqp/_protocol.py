@@ -510,8 +510,10 @@ class ProtocolConnection:
             raise LocalProtocolError(f"cannot {what}: the connection is {state.value}, not open")
 
     def _require_open_channel(self, channel_id: int, what: str) -> ChannelRecord:
-        self._require_open(f"{what} on channel {channel_id}")
-        channel = self._conn.channels.get(channel_id)
+        conn = self._conn
+        if conn.state is not ConnectionState.OPEN:  # on every publish and ack: no f-string
+            self._require_open(f"{what} on channel {channel_id}")
+        channel = conn.channels.get(channel_id)
         if channel is None:
             raise LocalProtocolError(f"cannot {what} on channel {channel_id}: it is not open")
         if channel.state is not ChannelState.OPEN:
