@@ -1,6 +1,7 @@
 """The sans-IO core's cost per message, without a socket or a broker.
 
 usage: .venv/bin/python benchmarks/core_cost.py [--repeat 5] [--messages 20000]
+                                                [--against OTHER/src]
 
 Two figures, each the best of ``--repeat`` runs (the least disturbed by a noisy
 neighbour on a shared machine), printed in nanoseconds of CPU time
@@ -13,25 +14,34 @@ per message:
 - ``publish_cost_ns``: ``ProtocolConnection.publish`` of a 128-byte message with
   properties on a channel in confirm mode, ``data_to_send`` taken every 100 publishes.
 
-To compare two trees, run this script with each tree's ``src`` first on PYTHONPATH
-(``PYTHONPATH=/path/to/other/src .venv/bin/python benchmarks/core_cost.py``); the
-module path it imported is printed with the figures.
+``--against OTHER/src`` compares this tree's core with another's (``main``'s, say) in
+one process: the other tree's ``strictconsume/amqp`` is copied to a temporary
+directory and imported as a package of its own, and the two alternate, trial after
+trial (``--repeat`` trials each, in turns), so that a busy neighbour weighs on both
+alike. Then the best and the median of each side are printed.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import shutil
+import statistics
+import sys
+import tempfile
 import time
+from pathlib import Path
+from types import ModuleType
 
 from pamqp import commands, frame
 
-import strictconsume.amqp._protocol as protocol
+import strictconsume.amqp._protocol
 from client_throughput import BODY, decode_cost_ns
 
 
-def publish_cost_ns(messages: int = 20000) -> float:
+def publish_cost_ns(protocol: ModuleType, messages: int = 20000) -> float:
     """CPU nanoseconds of ProtocolConnection.publish per 128-byte message (confirm
-    mode)."""
+    mode), of the core in ``protocol``."""
     core = protocol.ProtocolConnection(credentials=protocol.Credentials("guest", "guest"))
     core.initiate()
     core.receive_data(
@@ -64,16 +74,52 @@ def publish_cost_ns(messages: int = 20000) -> float:
     return elapsed / messages
 
 
+def trial(protocol: ModuleType, messages: int) -> tuple[float, float]:
+    """One decode and one publish measurement of the core in ``protocol``."""
+    return (
+        decode_cost_ns(messages, time.process_time_ns, protocol),
+        publish_cost_ns(protocol, messages),
+    )
+
+
+def other_core(src: Path, into: Path) -> ModuleType:
+    """The ``_protocol`` module of the client under ``src``, imported as a package of
+    its own (the client imports nothing of the framework, so it stands alone)."""
+    shutil.copytree(src / "strictconsume" / "amqp", into / "other_amqp")
+    sys.path.insert(0, str(into))
+    return importlib.import_module("other_amqp._protocol")
+
+
+def report(name: str, path: str | None, trials: list[tuple[float, float]]) -> None:
+    decode = [d for d, _ in trials]
+    publish = [p for _, p in trials]
+    print(f"{name}: {path}")
+    print(
+        f"  decode_cost_ns  best {min(decode):7.0f}  median {statistics.median(decode):7.0f}"
+        f"  ({len(trials)} trials)"
+    )
+    print(f"  publish_cost_ns best {min(publish):7.0f}  median {statistics.median(publish):7.0f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--messages", type=int, default=20000)
+    parser.add_argument("--against", type=Path, help="another tree's src directory")
     ns = parser.parse_args()
-    decode = min(decode_cost_ns(ns.messages, time.process_time_ns) for _ in range(ns.repeat))
-    publish = min(publish_cost_ns(ns.messages) for _ in range(ns.repeat))
-    print(f"core: {protocol.__file__}")
-    print(f"decode_cost_ns  {decode:8.0f}  (best of {ns.repeat}, {ns.messages} messages)")
-    print(f"publish_cost_ns {publish:8.0f}  (best of {ns.repeat}, {ns.messages} messages)")
+    this = strictconsume.amqp._protocol
+    if ns.against is None:
+        report("this tree", this.__file__, [trial(this, ns.messages) for _ in range(ns.repeat)])
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        other = other_core(ns.against, Path(tmp))
+        sides = {"this tree": (this, list[tuple[float, float]]()), "against": (other, [])}
+        for n in range(ns.repeat):
+            order = list(sides.values()) if n % 2 else list(reversed(sides.values()))
+            for protocol, trials in order:
+                trials.append(trial(protocol, ns.messages))
+        for name, (protocol, trials) in sides.items():
+            report(name, protocol.__file__, trials)
 
 
 if __name__ == "__main__":
