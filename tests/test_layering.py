@@ -21,7 +21,18 @@ PACKAGE = Path(strictconsume.__file__).parent
 CLIENT = PACKAGE / "amqp"
 
 #: The sans-IO core: bytes in, events out. ``_protocol`` and everything it builds on.
-CORE = ("_protocol", "_events", "_framing", "_state", "_content", "_confirms", "_codec", "_errors")
+CORE = (
+    "_protocol",
+    "_receive",
+    "_handshake",
+    "_events",
+    "_framing",
+    "_state",
+    "_content",
+    "_confirms",
+    "_codec",
+    "_errors",
+)
 IO_LIBRARIES = {"anyio", "trio", "asyncio", "socket", "ssl", "selectors"}
 
 

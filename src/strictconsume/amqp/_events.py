@@ -2,7 +2,8 @@
 is given.
 
 Every event is a frozen value; the I/O layer matches on its type. The core builds
-them (``_protocol.py``, ``_content.py``); nothing here knows about frames or state.
+them (``_receive.py``, ``_handshake.py``, ``_content.py``); nothing here knows about
+frames or state.
 """
 
 from __future__ import annotations

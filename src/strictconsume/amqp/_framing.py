@@ -3,8 +3,8 @@ and the fast decoders of the frames every delivery is made of.
 
 pamqp encodes and decodes every frame; this module only reads the 7-byte frame header
 (type, channel, size) with ``struct`` to know where a frame ends before handing
-exactly that frame to pamqp. Nothing here keeps state: the connection
-(``_protocol.py``) owns the buffer and the frame limit.
+exactly that frame to pamqp. Nothing here keeps state: the facade (``_protocol.py``)
+owns the buffer, its ``ConnectionRecord`` the frame limit.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import collections
 import enum
-from typing import Final, cast
+from typing import TYPE_CHECKING, Final, cast
 
 import attrs
 from pamqp import commands
@@ -30,7 +30,12 @@ from pamqp.base import Frame
 from ._confirms import PublishConfirms
 from ._content import ContentAssembly
 from ._errors import RemoteProtocolError
-from ._framing import FRAME_MIN_SIZE, MAX_SHORT
+from ._framing import FRAME_MIN_SIZE, MAX_SHORT, PRE_TUNE_FRAME_LIMIT
+
+if TYPE_CHECKING:
+    from pamqp.common import FieldTable
+
+    from ._events import Credentials, Event
 
 __all__ = [
     "BROKER_ONLY_NAMES",
@@ -44,6 +49,7 @@ __all__ = [
     "REPLY_NAMES",
     "ChannelRecord",
     "ChannelState",
+    "ConnectionRecord",
     "ConnectionState",
     "expect_reply",
     "negotiate_tune",
@@ -144,6 +150,50 @@ class ChannelRecord(ContentAssembly):
         self.reset_content()
         self.expected.clear()
         self.confirms.forget()
+
+
+@attrs.define(slots=True, eq=False)
+class ConnectionRecord:
+    """Everything the core tracks for its connection: what it was configured with,
+    its state, what was negotiated, its channels, the output queued for the wire and
+    the events of the current :meth:`ProtocolConnection.receive_data` call.
+
+    The facade (``_protocol.py``) owns one; the receiving side (``_receive.py``,
+    ``_handshake.py``) works on it.
+    """
+
+    # What the handshake sends (checked by the facade).
+    credentials: Credentials | None = attrs.field(kw_only=True)
+    vhost: str = attrs.field(kw_only=True)
+    auth_mechanism: str = attrs.field(kw_only=True)
+    wanted_heartbeat: int | None = attrs.field(kw_only=True)
+    locale: str = attrs.field(kw_only=True)
+    client_properties: FieldTable = attrs.field(kw_only=True)
+    # Ours until connection.tune, then the negotiated values.
+    channel_max: int = attrs.field(kw_only=True)
+    frame_max: int = attrs.field(kw_only=True)
+    heartbeat: int = attrs.field(kw_only=True)
+    state: ConnectionState = ConnectionState.INITIAL
+    server_properties: dict[str, object] = attrs.Factory(dict)
+    # The largest frame accepted from the broker: frame_max once tuned.
+    frame_limit: int = PRE_TUNE_FRAME_LIMIT
+    channels: dict[int, ChannelRecord] = attrs.Factory(dict)
+    # Ids whose close crossed the broker's: reserved until its close-ok arrives.
+    draining: set[int] = attrs.Factory(set)
+    outgoing: list[bytes | memoryview] = attrs.Factory(list)
+    outgoing_size: int = 0
+    events: list[Event] = attrs.Factory(list)
+
+    def send(self, data: bytes) -> None:
+        """Queue ``data`` for the wire."""
+        self.outgoing.append(data)
+        self.outgoing_size += len(data)
+
+    def set_closed(self) -> None:
+        """The connection is CLOSED: every channel and reserved id is forgotten."""
+        self.state = ConnectionState.CLOSED
+        self.channels.clear()
+        self.draining.clear()
 
 
 def expect_reply(channel: ChannelRecord, method: Frame) -> None:
