@@ -23,7 +23,7 @@ behaviour.
 - **Message size.** 4.0 lowered the default ``max_message_size`` from 128 MiB to
   16 MiB; a larger publish closes the channel with 406.
 - **frame_max.** 4.1 raised the least frame_max a client may ask for from 4096 to
-  8192 (the client refuses before sending one, see ``amqp/_protocol.py``).
+  8192 (the client refuses before sending one, see ``amqp/_handshake.py``).
 - **Transient non-exclusive queues** (``durable=False``) are a deprecated feature
   from 4.3: permitted by default there, refused (connection closed with 541) where
   ``deprecated_features.permit.transient_nonexcl_queues = false``.
