@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import threading
 from typing import Any
 
 import anyio.to_thread
@@ -60,13 +61,33 @@ def connect() -> Any:
     return sqlite3.connect(SQLITE_PATH, timeout=30)
 
 
+_table_lock = threading.Lock()
+_table_created = False
+
+
+def create_table() -> None:
+    """The table, once per process, in a transaction of its own: two handlers'
+    transactions each creating it would race (PostgreSQL refuses the second)."""
+    global _table_created
+    with _table_lock:
+        if _table_created:
+            return
+        db = connect()
+        try:
+            with db:
+                db.execute(CREATE)
+        finally:
+            db.close()
+        _table_created = True
+
+
 def credit(msg: sc.Message, account: str, amount: int) -> None:
     """One transaction: the key's mark and the credit commit together."""
+    create_table()
     db = connect()
     try:
         with db:  # sqlite3 and psycopg alike: commit on success, roll back on error
             idem.mark(db, msg)  # raises sc.Duplicate if the message was handled
-            db.execute(CREATE)
             db.execute(CREDIT.format(p="%s" if POSTGRES_URL else "?"), (account, amount))
     finally:
         db.close()
