@@ -42,7 +42,7 @@ import statistics
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -291,6 +291,47 @@ def show(title: str, result: dict[str, Any], *, decimals: int = 0) -> None:
         )
 
 
+def compare_through_app(
+    doc: dict[str, Any],
+    url: str,
+    queue: str,
+    variants: Sequence[str],
+    drain: Callable[[str, str], tuple[float, float]],
+    *,
+    messages: int,
+    repeat: int,
+    baseline: str = "plain",
+    fill_queue: Callable[[str, str, int], None] | None = None,
+) -> None:
+    """On each backend, fill ``queue`` with ``messages`` (by ``fill_queue``, default
+    :func:`fill`) and ``drain(variant, backend)`` it (messages per second, CPU us per
+    message), the variants interleaved ``repeat`` times; the ratios to ``baseline`` go
+    into ``doc`` and are shown. The queue is deleted at the end."""
+    fill_queue = fill_queue or fill
+    try:
+        for backend in BACKENDS:
+            fill_queue(url, queue, 500)  # a warm-up drain, not measured
+            app_rate(url, queue, "plain", 500, backend)
+            rates: dict[str, list[float]] = {variant: [] for variant in variants}
+            cpu: dict[str, list[float]] = {variant: [] for variant in variants}
+            for _ in range(repeat):
+                for variant in variants:
+                    fill_queue(url, queue, messages)
+                    rate, us = drain(variant, backend)
+                    rates[variant].append(rate)
+                    cpu[variant].append(us)
+            doc[f"app_rate_{backend}"] = result = ratios(
+                rates, lower_is_better=False, baseline=baseline
+            )
+            show(f"{backend}: messages per second", result)
+            doc[f"app_cpu_us_{backend}"] = result = ratios(
+                cpu, lower_is_better=True, baseline=baseline
+            )
+            show(f"{backend}: CPU us per message", result, decimals=1)
+    finally:
+        delete(url, queue)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--calls", type=int, default=20000)
@@ -317,24 +358,15 @@ def main() -> None:
         url = broker_url()
         queue = f"bench-pipeline-{uuid.uuid4().hex[:8]}"
         print(f"2. through the App: {args.messages} messages, prefetch 100", flush=True)
-        try:
-            for backend in BACKENDS:
-                fill(url, queue, 500)  # a warm-up drain, not measured
-                app_rate(url, queue, "plain", 500, backend)
-                rates: dict[str, list[float]] = {variant: [] for variant in BROKER_VARIANTS}
-                cpu: dict[str, list[float]] = {variant: [] for variant in BROKER_VARIANTS}
-                for _ in range(args.repeat):
-                    for variant in BROKER_VARIANTS:
-                        fill(url, queue, args.messages)
-                        rate, us = app_rate(url, queue, variant, args.messages, backend)
-                        rates[variant].append(rate)
-                        cpu[variant].append(us)
-                doc[f"app_rate_{backend}"] = result = ratios(rates, lower_is_better=False)
-                show(f"{backend}: messages per second", result)
-                doc[f"app_cpu_us_{backend}"] = result = ratios(cpu, lower_is_better=True)
-                show(f"{backend}: CPU us per message", result, decimals=1)
-        finally:
-            delete(url, queue)
+        compare_through_app(
+            doc,
+            url,
+            queue,
+            BROKER_VARIANTS,
+            lambda variant, backend: app_rate(url, queue, variant, args.messages, backend),
+            messages=args.messages,
+            repeat=args.repeat,
+        )
 
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / "handler_pipeline.json"

@@ -53,7 +53,16 @@ from strictconsume.amqp import Delivery, Properties
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # handler_pipeline, _broker
 
-from handler_pipeline import BACKENDS, BODY, RESULTS, app_rate, delete, plain, ratios, show
+from handler_pipeline import (
+    BACKENDS,
+    BODY,
+    RESULTS,
+    app_rate,
+    compare_through_app,
+    plain,
+    ratios,
+    show,
+)
 
 TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 VARIANTS = ("off", "on", "on, sampled out")
@@ -174,35 +183,19 @@ def main() -> None:
         url = broker_url()
         queue = f"bench-tracing-{uuid.uuid4().hex[:8]}"
         print(f"2. through the App: {args.messages} messages, prefetch 100", flush=True)
-        try:
-            for backend in BACKENDS:
-                fill(url, queue, 500)  # a warm-up drain, not measured
-                app_rate(url, queue, "plain", 500, backend)
-                rates: dict[str, list[float]] = {variant: [] for variant in VARIANTS}
-                cpu: dict[str, list[float]] = {variant: [] for variant in VARIANTS}
-                for _ in range(args.repeat):
-                    for variant in VARIANTS:
-                        fill(url, queue, args.messages)
-                        rate, us = app_rate(
-                            url,
-                            queue,
-                            "plain",
-                            args.messages,
-                            backend,
-                            tracing=providers[variant] or False,
-                        )
-                        rates[variant].append(rate)
-                        cpu[variant].append(us)
-                doc[f"app_rate_{backend}"] = result = ratios(
-                    rates, lower_is_better=False, baseline="off"
-                )
-                show(f"{backend}: messages per second", result)
-                doc[f"app_cpu_us_{backend}"] = result = ratios(
-                    cpu, lower_is_better=True, baseline="off"
-                )
-                show(f"{backend}: CPU us per message", result, decimals=1)
-        finally:
-            delete(url, queue)
+        compare_through_app(
+            doc,
+            url,
+            queue,
+            VARIANTS,
+            lambda variant, backend: app_rate(
+                url, queue, "plain", args.messages, backend, tracing=providers[variant] or False
+            ),
+            messages=args.messages,
+            repeat=args.repeat,
+            baseline="off",
+            fill_queue=fill,  # with a traceparent on every message
+        )
     for made in providers.values():
         if made is not None:
             made.shutdown()
