@@ -356,10 +356,12 @@ class Timing:
             timing.finished.clear()
             await flush(self)
 
-        def counted_ack_nowait(self: Channel, delivery_tag: int, *, multiple: bool = False) -> None:
+        def counted_ack_nowait(
+            self: Channel, delivery_tag: int, *, multiple: bool = False, batch: bool = False
+        ) -> None:
             if timing.counter.on:
                 timing.frames += 1
-            ack_nowait(self, delivery_tag, multiple=multiple)
+            ack_nowait(self, delivery_tag, multiple=multiple, batch=batch)
 
         async def timed_sleep(delay: float) -> None:
             began = time.perf_counter()

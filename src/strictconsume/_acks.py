@@ -184,7 +184,10 @@ class ChannelAcks:
         Every ack taken from the tracker is queued for the socket before anything
         is awaited, so acks go out in the order taken and none is ever dropped: a
         socket that stays backed up (a broker that stopped reading) delays them, it
-        never loses them. Then one wait, shielded and bounded by
+        never loses them. They are handed to the socket from this task when the
+        connection's writer is idle (``Channel.send_queued``): the broker has them one
+        scheduler round sooner, which at a prefetch of 1 is the next delivery sooner.
+        Only when the socket is backed up, one wait, shielded and bounded by
         :data:`SETTLE_TIMEOUT`, lets the writer drain the backlog (backpressure for
         the handlers that follow).
         """
@@ -196,7 +199,10 @@ class ChannelAcks:
                 if not ch.is_open:
                     return  # the broker requeues everything of a closed channel
                 for ack in acks:
-                    ch.ack_nowait(ack.delivery_tag, multiple=ack.multiple)
+                    ch.ack_nowait(ack.delivery_tag, multiple=ack.multiple, batch=True)
+            ch.send_queued()
+            if ch.writable:
+                return
             with anyio.CancelScope(shield=True) as scope:
                 scope.deadline = anyio.current_time() + SETTLE_TIMEOUT
                 await ch.wait_writable()

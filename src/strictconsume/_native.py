@@ -12,6 +12,7 @@ scopes, so native and anyio scopes nest freely.
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import math
 from collections.abc import AsyncIterator, Callable
@@ -46,8 +47,10 @@ class Native:
         # Imported here: an App on asyncio never loads trio (about 5 MB of RSS).
         on_trio = sniffio.current_async_library() == "trio"
         self._trio = importlib.import_module("trio") if on_trio else None
+        # The loop's own clock (what anyio.current_time() returns, without its
+        # backend lookup, which on asyncio under Python 3.11 costs a getpid()).
         self.current_time: Callable[[], float] = (
-            self._trio.current_time if self._trio is not None else anyio.current_time
+            self._trio.current_time if self._trio is not None else asyncio.get_running_loop().time
         )
 
     def cancel_scope(self, *, deadline: float = math.inf) -> trio.CancelScope | anyio.CancelScope:

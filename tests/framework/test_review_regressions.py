@@ -448,8 +448,15 @@ class BlockingAckChannel:
         self.first_ack_waiting = anyio.Event()
         self.release = anyio.Event()
 
-    def ack_nowait(self, delivery_tag: int, *, multiple: bool = False) -> None:
+    def ack_nowait(self, delivery_tag: int, *, multiple: bool = False, batch: bool = False) -> None:
         self.sent.append((delivery_tag, multiple))
+
+    def send_queued(self) -> None:
+        pass  # the socket takes nothing now: the writer would send it later
+
+    @property
+    def writable(self) -> bool:
+        return self.release.is_set()
 
     async def wait_writable(self) -> None:
         if not self.first_ack_waiting.is_set():

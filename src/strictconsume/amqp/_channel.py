@@ -475,16 +475,37 @@ class Channel:
         self.ack_nowait(delivery_tag, multiple=multiple)
         await self._backpressure()
 
-    def ack_nowait(self, delivery_tag: int, *, multiple: bool = False) -> None:
+    def ack_nowait(self, delivery_tag: int, *, multiple: bool = False, batch: bool = False) -> None:
         """Queue a basic.ack for the socket and return at once, however backed up
         the socket is; :meth:`wait_writable` waits for the backlog to shrink.
 
         An ack queued is sent as soon as the socket takes it (or never, when the
         connection breaks first; the broker then requeues the message itself).
+        With ``batch=True`` it is only queued: the caller ends its batch of acks with
+        :meth:`send_queued`.
         """
         self._check_open()
         self._core.ack(self.channel_id, delivery_tag, multiple=multiple)
-        self._link.wake_writer()
+        if not batch:
+            self._link.wake_writer()
+
+    def send_queued(self) -> None:
+        """Send what is queued for the socket now, from this task, when the
+        connection's writer is idle and the socket takes it without waiting (plain
+        TCP); the writer sends whatever is left, as it would have sent it all.
+
+        Saves the hand-over to the writer task (a scheduler round) for a frame that
+        ends a step of work, such as the acks of the handlers that just finished.
+        Never waits and never raises: a broken socket fails the connection through
+        the writer.
+        """
+        self._link.send_now()
+
+    @property
+    def writable(self) -> bool:
+        """True while at most ``WRITE_HIGH_WATER`` bytes are queued for the socket:
+        :meth:`wait_writable` would return at once."""
+        return self._core.bytes_pending() <= WRITE_HIGH_WATER
 
     async def wait_writable(self) -> None:
         """Wait while more than ``WRITE_HIGH_WATER`` bytes are queued for the socket."""

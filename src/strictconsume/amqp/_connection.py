@@ -7,10 +7,13 @@ Structure (nothing here knows AMQP's wire format; that is ``_protocol``):
   (everything the core queued -> the socket, in as few writes as possible), and the
   *heartbeat* (a heartbeat frame after half an interval without sending; the
   connection fails after two intervals without receiving).
-- Callers never write to the socket themselves: a call asks the core for a frame and
+- Callers never wait on the socket themselves: a call asks the core for a frame and
   wakes the writer. Acks therefore cost no round trip and coalesce into one write
   under load; a caller only waits when more than :data:`WRITE_HIGH_WATER` bytes are
-  queued (backpressure).
+  queued (backpressure). A caller that queued a batch (the framework's acks) may ask
+  for it to be sent at once instead (:meth:`Connection._send_now`): when the writer is
+  idle and the socket takes the bytes without waiting they go out from the caller's
+  task, one scheduler round sooner; the writer sends whatever is left (``_direct``).
 - Failure is structured: when the connection breaks (EOF, reset, garbage, heartbeat
   timeout, connection.close from the broker) every waiter fails with the error, the
   body of ``async with connect(...)`` is cancelled, and the ``async with`` raises the
@@ -34,6 +37,7 @@ import anyio.abc
 import attrs
 
 from ._channel import CLOSE_TIMEOUT, WRITE_HIGH_WATER, Channel
+from ._direct import DirectSend, direct_sender, loop_clock
 from ._errors import (
     AMQPError,
     ConnectionClosed,
@@ -128,6 +132,11 @@ class Connection:
         self._closed_by_broker: ConnectionClosed | None = None
         self._close_ok_flush_tried = False
         self._writing = False
+        #: Bytes taken from the core that a direct send did not get out: the writer
+        #: sends them before anything else.
+        self._unsent = b""
+        self._direct: DirectSend | None = None  # set once the stream is known
+        self._clock: Callable[[], float] = anyio.current_time  # the loop's, once running
         # Set when the reader or the writer has ended (an outer cancellation ends them
         # without failing the connection): no reply can come, so closing waits for none.
         self._io_stopped = False
@@ -139,6 +148,7 @@ class Connection:
             error=lambda: self._error,
             check_open=self._check_open,
             wake_writer=self._wake_writer,
+            send_now=self._send_now,
             wait_writable=self._wait_writable,
         )
 
@@ -242,6 +252,32 @@ class Connection:
     def _wake_writer(self) -> None:
         self._write_wanted.set()
 
+    def _send_now(self) -> None:
+        """Send what the core queued from this task, without waiting, when the writer
+        is idle; wake the writer for whatever the socket did not take (``_direct``)."""
+        direct = self._direct
+        if (
+            direct is None
+            or self._writing
+            or self._unsent
+            or self._io_stopped
+            or self._error is not None
+        ):
+            self._wake_writer()
+            return
+        data = self._core.data_to_send()
+        if not data:
+            return
+        try:
+            sent = direct(data)
+        except OSError:
+            sent = 0  # the writer's send meets the same error and fails the connection
+        if sent:
+            self._last_sent = self._clock()
+        if sent < len(data):
+            self._unsent = data[sent:]
+            self._wake_writer()
+
     async def _wait_for_writer(self, done: Callable[[], bool]) -> None:
         """Wake the writer until ``done()`` holds; checked again after each write."""
         while not done() and not self._io_stopped:
@@ -261,7 +297,9 @@ class Connection:
     async def _flushed(self) -> None:
         """Wait until the writer has sent everything the core queued so far."""
         core = self._core
-        await self._wait_for_writer(lambda: not (core.bytes_pending() or self._writing))
+        await self._wait_for_writer(
+            lambda: not (core.bytes_pending() or self._writing or self._unsent)
+        )
 
     async def _close_channel(self, ch: Channel) -> None:
         """Close ``ch`` with channel.close and wait for close-ok, shielded and bounded."""
@@ -346,7 +384,7 @@ class Connection:
                     return
                 with _transport_errors(self.params, doing):
                     data = await stream.receive(READ_SIZE)
-                self._last_received = anyio.current_time()
+                self._last_received = self._clock()
                 for event in core.receive_data(data):
                     self._handle(event)
                 if core.bytes_pending():
@@ -456,11 +494,13 @@ class Connection:
             while True:
                 await self._write_wanted.take()
                 data = core.data_to_send()
+                if self._unsent:  # what a direct send left: first, in order
+                    data, self._unsent = self._unsent + data, b""
                 self._writing = True
                 while data:
                     with _transport_errors(self.params, "while writing"):
                         await stream.send(data)
-                    self._last_sent = anyio.current_time()
+                    self._last_sent = self._clock()
                     if core.bytes_pending() <= WRITE_HIGH_WATER:
                         self._drained.set()  # waiters re-check their own condition
                     data = core.data_to_send()
@@ -622,6 +662,8 @@ async def connect_stream(
     params = params if params is not None else ConnectionParameters()
     conn = Connection(params)
     conn._stream = stream
+    conn._clock = loop_clock()
+    conn._direct = direct_sender(stream)
     body_error: BaseException | None = None
     try:
         async with anyio.create_task_group() as tg:

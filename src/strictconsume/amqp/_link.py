@@ -33,6 +33,8 @@ class ConnectionLink:
         check_open: Raise the connection's error, or a LocalProtocolError when it is
             not open.
         wake_writer: Ask the writer to send what the core queued.
+        send_now: Send what the core queued from the calling task when the writer is
+            idle and the socket takes it without waiting; the writer sends the rest.
         wait_writable: Wait while too many bytes are queued for the socket; raise the
             connection's error if it fails meanwhile.
     """
@@ -42,4 +44,5 @@ class ConnectionLink:
     error: Callable[[], AMQPError | None]
     check_open: Callable[[], None]
     wake_writer: Callable[[], None]
+    send_now: Callable[[], None]
     wait_writable: Callable[[], Awaitable[None]]
