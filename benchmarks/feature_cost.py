@@ -1,14 +1,16 @@
 """What each feature the App adds costs per message (metrics, JSON logs, a handler
 timeout, retries), as ratios to the bare handler measured in the same run.
 
-usage: .venv/bin/python benchmarks/feature_cost.py [--messages N] [--repeat R]
-                                                   [--prefetch P,P] [--variants V,V]
-                                                   [--calls N]
+usage: .venv/bin/python benchmarks/feature_cost.py [--messages N] [--messages-p1 N]
+                                                   [--repeat R] [--prefetch P,P]
+                                                   [--variants V,V] [--calls N]
 
 Every variant drains a queue of N persistent 230-byte JSON messages through an App
 and the broker, with a handler that does no work of its own, at each prefetch (100
-and 1), on trio and on asyncio; the variants are interleaved R times and each figure
-is the median (see ``compare_through_app`` in benchmarks/handler_pipeline.py).
+and 1; below prefetch 10 N is ``--messages-p1``, since a retry there takes a round
+trip per message), on trio and on asyncio; the variants are interleaved R times and
+each figure is the median (see ``compare_through_app`` in
+benchmarks/handler_pipeline.py).
 Logging is configured as ``python -m strictconsume`` does it (``configure_logging``
 of the CLI), its stream sent to /dev/null (formatted and written, but no terminal or
 log shipper behind it):
@@ -19,8 +21,9 @@ log shipper behind it):
   ``app.outcomes`` too and cannot be switched off; section 1 measures them alone.
 - ``+metrics``: ``App(http="127.0.0.1:PORT")``: hypercorn serving ``/health`` and
   ``/metrics`` on the App's loop, scraped once a second by another process (tighter
-  than Prometheus' usual 15-60 s, so that a scrape falls in every drain; the first
-  scrape also starts the queue-depth polls, every 15 s).
+  than Prometheus' usual 15-60 s; still one scrape per 1,000-20,000 messages here,
+  and a drain at prefetch 100 may see none; the first scrape also starts the
+  queue-depth polls, every 15 s).
 - ``+json logs``: the CLI's ``--log-format json`` at its default level, INFO. The App
   logs nothing for an acked message (only lifecycle events and failed messages), so
   this is what the format costs a message that succeeds: nothing but the run's few
@@ -28,7 +31,7 @@ log shipper behind it):
 - ``+json log line``: the same, and the handler logs one INFO line per message with
   ``extra`` fields (``logger.info("order handled", extra={...})``): what a user who
   logs a line per message pays. Not the App's cost: the handler's.
-- ``+timeout``: ``timeout=30`` (a cancel scope with a deadline per message).
+- ``+timeout``: ``timeout=30``: the handler's timeout around every call.
 - ``+retries``: every message fails once (``RuntimeError``) and succeeds on its
   retry, ``Retry(delays=(0.01,))``: the retry hop per *original* message (the copy
   published with a confirm to ``<queue>.retry.10``, the original acked, its WARNING
@@ -244,7 +247,8 @@ def delete_retry_queue(url: str, queue: str) -> None:
 
 
 def table(doc: dict[str, Any], prefetches: list[int]) -> str:
-    """The markdown table of the README: CPU us/msg and msg/s with ratios to bare."""
+    """The markdown table of the README: CPU us/msg and msg/s (medians), each with its
+    cost as a ratio to bare (CPU: this / bare; rate: bare / this; above 1 costs more)."""
     header = ["variant"]
     for prefetch in prefetches:
         for backend in BACKENDS:
@@ -268,7 +272,10 @@ def table(doc: dict[str, Any], prefetches: list[int]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--messages", type=int, default=3000)
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument(
+        "--messages-p1", type=int, default=1000, help="messages at a prefetch below 10 (1000)"
+    )
+    parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument(
         "--prefetch", default="100,1", help="comma-separated prefetch values (100,1)"
     )
@@ -285,6 +292,7 @@ def main() -> None:
     variants = ["bare", *chosen]
     doc: dict[str, Any] = {
         "messages": args.messages,
+        "messages_below_prefetch_10": args.messages_p1,
         "repeat": args.repeat,
         "variants": variants,
         "load_average": os.getloadavg(),
@@ -302,17 +310,18 @@ def main() -> None:
     port = free_port()
     with open(os.devnull, "w") as devnull, scraping(port):
 
-        def run(variant: str, backend: str, prefetch: int) -> tuple[float, float]:
+        def run(variant: str, backend: str, prefetch: int, n: int) -> tuple[float, float]:
             log_to_devnull(FEATURES[variant], devnull)
             try:
-                return drain_variant(url, queue, variant, args.messages, backend, prefetch, port)
+                return drain_variant(url, queue, variant, n, backend, prefetch, port)
             finally:
                 logging.getLogger().handlers[:] = []
 
         try:
             for prefetch in prefetches:
+                n = args.messages if prefetch >= 10 else args.messages_p1
                 print(
-                    f"2. through the App: {args.messages} messages, prefetch {prefetch}, "
+                    f"2. through the App: {n} messages, prefetch {prefetch}, "
                     f"{args.repeat} repetitions",
                     flush=True,
                 )
@@ -320,9 +329,9 @@ def main() -> None:
                 doc[f"prefetch_{prefetch}"] = run_doc
 
                 def at_prefetch(
-                    variant: str, backend: str, p: int = prefetch
+                    variant: str, backend: str, p: int = prefetch, n: int = n
                 ) -> tuple[float, float]:
-                    return run(variant, backend, p)
+                    return run(variant, backend, p, n)
 
                 compare_through_app(
                     run_doc,
@@ -330,7 +339,7 @@ def main() -> None:
                     queue,
                     variants,
                     at_prefetch,
-                    messages=args.messages,
+                    messages=n,
                     repeat=args.repeat,
                     baseline="bare",
                 )
@@ -338,6 +347,7 @@ def main() -> None:
             delete_retry_queue(url, queue)
     doc["load_average_after"] = os.getloadavg()
 
+    print("cost as a ratio to bare (CPU: this / bare; msg/s: bare / this): above 1 costs more")
     print(table(doc, prefetches))
     write_results(doc, "feature_cost.json")
 
