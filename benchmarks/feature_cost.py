@@ -40,10 +40,11 @@ log shipper behind it):
 - ``all``: everything above together (json logs with the handler's line; the retry
   warnings in json too).
 
-1. **The always-kept counters alone**, without a broker: CPU nanoseconds per call of
-   what the dispatcher records for every message (``Metrics.record`` of an ack with
+1. **Per message, without a broker**: CPU nanoseconds per call of what the
+   dispatcher always records for every message (``Metrics.record`` of an ack with
    its duration, and ``QueueStats.message_started`` on a message without a
-   timestamp, and with one).
+   timestamp, and with one), and of the handler's JSON log line of ``+json log
+   line`` (the CLI's JSON formatter, written to /dev/null).
 2. **Through the App and the broker**: messages per second from subscribing to the
    last handler, and the process's CPU microseconds per message meanwhile (which a
    busy neighbour disturbs less than the wall clock), each with its ratio to ``bare``.
@@ -111,11 +112,15 @@ async def handle(msg: sc.Message) -> None:
     pass
 
 
-async def handle_and_log(msg: sc.Message) -> None:
+def log_handled(msg: sc.Message) -> None:
     orders_log.info(
         "order handled",
         extra={"queue": msg.queue, "message_id": msg.message_id, "attempt": msg.attempt},
     )
+
+
+async def handle_and_log(msg: sc.Message) -> None:
+    log_handled(msg)
 
 
 def failing_once(handler: Callable[[sc.Message], Any]) -> Callable[[sc.Message], Any]:
@@ -208,11 +213,12 @@ def scraping(port: int) -> Iterator[None]:
         scraper.wait()
 
 
-# -- 1. the counters alone --------------------------------------------------------------
+# -- 1. per message, without a broker ------------------------------------------------
 
 
-def counters_ns(calls: int) -> dict[str, float]:
-    """CPU nanoseconds per call of what is recorded for every message."""
+def counters_ns(calls: int, devnull: Any) -> dict[str, float]:
+    """CPU nanoseconds per call of what is recorded for every message, and of the
+    handler's JSON log line of ``+json log line`` (written to ``devnull``)."""
     metrics, stats = Metrics(), QueueStats()
     metrics.add_queues(["orders"])
     stats.watch([sc.ConsumerSpec("orders", handle)])
@@ -223,7 +229,9 @@ def counters_ns(calls: int) -> dict[str, float]:
         "Metrics.record (ack, duration)": lambda: metrics.record("orders", OutcomeKind.ACK, 0.0002),
         "QueueStats.message_started, no timestamp": lambda: stats.message_started(plain),
         "QueueStats.message_started, timestamp": lambda: stats.message_started(stamped),
+        "JSON log line of the handler (+json log line)": lambda: log_handled(plain),
     }
+    log_to_devnull(FEATURES["+json logs"], devnull)
     figures: dict[str, float] = {}
     for name, call in calls_of.items():
         for _ in range(min(calls, 1000)):  # warm up
@@ -232,6 +240,7 @@ def counters_ns(calls: int) -> dict[str, float]:
         for _ in range(calls):
             call()
         figures[name] = round((time.process_time() - started) / calls * 1e9)
+    logging.getLogger().handlers[:] = []
     return figures
 
 
@@ -298,17 +307,16 @@ def main() -> None:
         "load_average": os.getloadavg(),
     }
 
-    print(f"1. the always-kept counters alone: {args.calls} calls each", flush=True)
-    doc["counters_ns"] = counters_ns(args.calls)
-    for name, ns in doc["counters_ns"].items():
-        print(f"     {name:<45} {ns:>5} ns")
-
     from _broker import broker_url
 
     url = broker_url()
     queue = f"bench-features-{uuid.uuid4().hex[:8]}"
     port = free_port()
     with open(os.devnull, "w") as devnull, scraping(port):
+        print(f"1. per message, without a broker: {args.calls} calls each", flush=True)
+        doc["counters_ns"] = counters_ns(args.calls, devnull)
+        for name, ns in doc["counters_ns"].items():
+            print(f"     {name:<55} {ns:>5} ns")
 
         def run(variant: str, backend: str, prefetch: int, n: int) -> tuple[float, float]:
             log_to_devnull(FEATURES[variant], devnull)
