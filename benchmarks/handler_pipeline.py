@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import attrs
 import msgspec
 import pydantic
 
@@ -230,6 +231,16 @@ def app_rate(
     (off unless given: see benchmarks/tracing.py)."""
     handler, middleware = VARIANTS[variant]
     app = sc.App(url, prefetch=100, tracing=tracing)
+    spec = sc.ConsumerSpec(queue, handler, timeout=30.0, middleware=middleware)
+    return drain(app, spec, n, backend)
+
+
+def drain(app: sc.App, spec: sc.ConsumerSpec, n: int, backend: str) -> tuple[float, float]:
+    """Run ``app`` with the consumer ``spec`` until ``n`` of its handler calls have
+    returned; messages per second from the App's start (consumers subscribed) to the
+    ``n``-th return, and the process's CPU microseconds per message meanwhile. The
+    App must have acked ``n`` messages of ``spec.queue`` by its stop."""
+    queue = spec.queue
     count = 0
     done: anyio.Event | None = None
 
@@ -243,9 +254,7 @@ def app_rate(
         return result
 
     # the counter is the innermost middleware: one more call for every variant alike
-    app.add_consumer(
-        sc.ConsumerSpec(queue, handler, timeout=30.0, middleware=(*middleware, counted))
-    )
+    app.add_consumer(attrs.evolve(spec, middleware=(*spec.middleware, counted)))
 
     async def main() -> tuple[float, float]:
         nonlocal done
@@ -255,9 +264,11 @@ def app_rate(
             await done.wait()
             return n / (time.perf_counter() - started), (time.process_time() - cpu) / n * 1e6
 
+    acked_before = app.outcomes[queue, "ack"]
     rate = anyio.run(main, backend=backend)
-    if app.outcomes[queue, "ack"] != n:
-        raise SystemExit(f"{variant}: acked {app.outcomes[queue, 'ack']} of {n}")
+    acked = app.outcomes[queue, "ack"] - acked_before
+    if acked != n:
+        raise SystemExit(f"{queue}: acked {acked} of {n}")
     return rate
 
 
@@ -332,6 +343,14 @@ def compare_through_app(
         delete(url, queue)
 
 
+def write_results(doc: dict[str, Any], name: str) -> None:
+    """Write ``doc`` as ``benchmarks/results/<name>``."""
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / name
+    out.write_text(json.dumps(doc, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--calls", type=int, default=20000)
@@ -368,10 +387,7 @@ def main() -> None:
             repeat=args.repeat,
         )
 
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / "handler_pipeline.json"
-    out.write_text(json.dumps(doc, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_results(doc, "handler_pipeline.json")
 
 
 if __name__ == "__main__":

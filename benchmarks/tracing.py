@@ -30,7 +30,6 @@ Writes ``benchmarks/results/tracing.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 import uuid
@@ -56,12 +55,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # handler_pipeline, _b
 from handler_pipeline import (
     BACKENDS,
     BODY,
-    RESULTS,
     app_rate,
     compare_through_app,
     plain,
     ratios,
     show,
+    write_results,
 )
 
 TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
@@ -200,10 +199,7 @@ def main() -> None:
         if made is not None:
             made.shutdown()
 
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / "tracing.json"
-    out.write_text(json.dumps(doc, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_results(doc, "tracing.json")
 
 
 if __name__ == "__main__":
