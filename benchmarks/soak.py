@@ -723,9 +723,9 @@ def summary_lines(record: dict[str, Any]) -> Iterator[str]:
     if g["growth_pct"] is not None:
         verdict = "flat" if g["growth_pct"] < GROWTH_LIMIT else "GROWS"
         yield (
-            f"  RSS {g['rss_warm_kb'] / 1024:.1f} MB at warm-up end -> "
-            f"{g['rss_end_kb'] / 1024:.1f} MB at the end: {g['growth_pct']:+.2f}% ({verdict}; "
-            f"max after warm-up {g['max_after_kb'] / 1024:.1f} MB, {g['max_growth_pct']:+.2f}%; "
+            f"  RSS {g['rss_warm_kb'] / 1024:.1f} MiB at warm-up end -> "
+            f"{g['rss_end_kb'] / 1024:.1f} MiB at the end: {g['growth_pct']:+.2f}% ({verdict}; "
+            f"max after warm-up {g['max_after_kb'] / 1024:.1f} MiB, {g['max_growth_pct']:+.2f}%; "
             f"slope {g['slope_kb_per_100k']:+.1f} KB per 100k messages)"
         )
     else:
@@ -783,7 +783,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
             )
     prefetch = result["meta"]["prefetch"]
     bottom.axhline(prefetch, color="grey", linestyle="--", linewidth=1, label="prefetch")
-    top.set_ylabel("RSS (MB)")
+    top.set_ylabel("RSS (MiB)")
     top.set_title(
         f"soak: {result['meta']['messages']:,} messages, prefetch {prefetch}; "
         "vertical lines: close_all_connections (solid), broker restart (dashed), "
