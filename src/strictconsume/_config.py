@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import math
 import re
-import tomllib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -253,6 +252,8 @@ def load_config(path: str, env: str | None) -> ConfigFile:
             key or a value of the wrong type (in any environment), or has no
             ``[env.<env>]``; the message names the file, the table and the key.
     """
+    import tomllib  # only an App given a settings file reads TOML
+
     try:
         with open(path, "rb") as file:
             data = tomllib.load(file)

@@ -4,7 +4,7 @@ than raised."""
 
 from __future__ import annotations
 
-import asyncio
+import sys
 from typing import TYPE_CHECKING
 
 from ._native import Native
@@ -45,11 +45,17 @@ async def call_handler(
             await pipeline(msg)
     except Exception as exc:
         return exc
-    except asyncio.CancelledError as exc:
+    except BaseException as exc:
         # On asyncio a handler can raise CancelledError of its own accord: it awaited
         # a future or task that something else cancelled. Only a request to cancel
         # this task is a cancellation; anything else (on trio: always) is a failure.
-        if asyncio_cancel_requested():
+        # (asyncio is looked up, not imported: on trio the App does not load it.)
+        asyncio = sys.modules.get("asyncio")
+        if (
+            asyncio is None
+            or not isinstance(exc, asyncio.CancelledError)
+            or asyncio_cancel_requested()
+        ):
             raise
         error = RuntimeError(
             "the handler raised asyncio.CancelledError while nothing was cancelling it "

@@ -12,7 +12,6 @@ scopes, so native and anyio scopes nest freely.
 
 from __future__ import annotations
 
-import asyncio
 import importlib
 import math
 from collections.abc import AsyncIterator, Callable
@@ -50,7 +49,9 @@ class Native:
         # The loop's own clock (what anyio.current_time() returns, without its
         # backend lookup, which on asyncio under Python 3.11 costs a getpid()).
         self.current_time: Callable[[], float] = (
-            self._trio.current_time if self._trio is not None else asyncio.get_running_loop().time
+            self._trio.current_time
+            if self._trio is not None
+            else importlib.import_module("asyncio").get_running_loop().time
         )
 
     def cancel_scope(self, *, deadline: float = math.inf) -> trio.CancelScope | anyio.CancelScope:

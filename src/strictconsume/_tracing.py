@@ -40,6 +40,7 @@ on, so the producer's span stays one click away.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import Iterator, Mapping, MutableMapping
 from contextlib import contextmanager
@@ -64,6 +65,8 @@ __all__ = [
 TRACE_HEADERS = ("traceparent", "tracestate", "baggage")
 
 INSTRUMENTATION = "strictconsume"
+#: The variable by which the OpenTelemetry API loads a tracer provider of its own.
+PROVIDER_VARIABLE = "OTEL_PYTHON_TRACER_PROVIDER"
 
 
 def _carrier(headers: Mapping[str, Any]) -> dict[str, str]:
@@ -206,6 +209,15 @@ def resolve_tracing(tracing: bool | TracerProvider | None) -> Tracing | None:
         RuntimeError: tracing is asked for but ``opentelemetry-api`` is not installed.
     """
     if tracing is False:
+        return None
+    if (
+        tracing is None
+        and "opentelemetry.trace" not in sys.modules
+        and PROVIDER_VARIABLE not in os.environ
+    ):
+        # An application that set a tracer provider imported the API to do it; one
+        # that did not has none to set, unless the API would load one named in the
+        # environment. Leave the API unloaded (about 0.4 MB of modules) otherwise.
         return None
     try:
         from opentelemetry import trace

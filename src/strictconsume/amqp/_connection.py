@@ -25,10 +25,10 @@ Structure (nothing here knows AMQP's wire format; that is ``_protocol``):
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import ssl
+import sys
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
@@ -713,6 +713,9 @@ def asyncio_cancel_requested() -> bool:
     connection's error. (On trio, cancellation is level-triggered: an enclosing
     cancelled scope raises again at the caller's next checkpoint.)
     """
+    asyncio = sys.modules.get("asyncio")  # not imported: not running on asyncio
+    if asyncio is None:
+        return False
     try:
         task = asyncio.current_task()
     except RuntimeError:  # not running on asyncio

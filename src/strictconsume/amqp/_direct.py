@@ -25,7 +25,7 @@ only used where it cannot reorder or tear the byte stream:
 
 from __future__ import annotations
 
-import asyncio
+import importlib
 from collections.abc import Callable
 
 import anyio
@@ -42,11 +42,10 @@ DirectSend = Callable[[bytes], int]
 def loop_clock() -> Callable[[], float]:
     """The running loop's clock (what ``anyio.current_time`` returns), without the
     per-call backend lookup. Call it inside the loop."""
+    # Imported here: a process on trio never loads asyncio, nor one on asyncio trio.
     if sniffio.current_async_library() == "trio":
-        import trio  # an App on asyncio never loads trio
-
-        return trio.current_time
-    return asyncio.get_running_loop().time
+        return importlib.import_module("trio").current_time  # type: ignore[no-any-return]
+    return importlib.import_module("asyncio").get_running_loop().time  # type: ignore[no-any-return]
 
 
 def direct_sender(stream: anyio.abc.ByteStream) -> DirectSend | None:
@@ -67,7 +66,7 @@ def direct_sender(stream: anyio.abc.ByteStream) -> DirectSend | None:
     # anyio's asyncio SocketStream writes through its transport; nothing public
     # names it, so look for it and do without when it is not there.
     transport = getattr(stream, "_transport", None)
-    if not isinstance(transport, asyncio.WriteTransport):
+    if not isinstance(transport, importlib.import_module("asyncio").WriteTransport):
         return None
 
     def send_to_transport(data: bytes) -> int:

@@ -27,11 +27,11 @@ from ._core import Idempotency as Idempotency
 from ._core import IdempotencyStore as IdempotencyStore
 from ._core import InvalidKey as InvalidKey
 from ._core import StoreError as StoreError
-from ._sqlite import SQLiteStore as SQLiteStore
 
 if TYPE_CHECKING:
     from ._postgres import PostgresStore as PostgresStore
     from ._redis import RedisStore as RedisStore
+    from ._sqlite import SQLiteStore as SQLiteStore
 
 __all__ = [
     "Claim",
@@ -48,6 +48,13 @@ __all__ = [
 
 def __getattr__(name: str) -> Any:
     # The drivers are optional extras: import them only when their store is asked for.
+    # sqlite3 is not, but it costs a consumer that keeps no keys almost 1 MB of memory
+    # (the library and its module), so it loads on first use too.
+    if name == "SQLiteStore":
+        from ._sqlite import SQLiteStore
+
+        SQLiteStore.__module__ = __name__
+        return SQLiteStore
     if name == "PostgresStore":
         from ._postgres import PostgresStore
 
@@ -59,6 +66,6 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-for _cls in (Claim, Idempotency, IdempotencyStore, InvalidKey, SQLiteStore, StoreError):
+for _cls in (Claim, Idempotency, IdempotencyStore, InvalidKey, StoreError):
     _cls.__module__ = __name__
 del _cls
