@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import pamqp.frame
 import pytest
-from pamqp import commands
+from hypothesis import given
+from hypothesis import strategies as st
+from pamqp import commands, encode
 from pamqp.body import ContentBody
 from pamqp.header import ContentHeader
 
 from strictconsume.amqp._errors import RemoteProtocolError
 from strictconsume.amqp._framing import (
     FRAME_OVERHEAD,
+    METHOD_INDEX,
     PROTOCOL_HEADER,
     body_frames,
     check_first_bytes,
@@ -59,6 +62,52 @@ def test_the_fast_method_decoder_agrees_with_pamqp() -> None:
     method = decode_method(payload(pamqp.frame.marshal(deliver, 1)))
     assert isinstance(method, commands.Basic.Deliver)
     assert dict(method) == dict(deliver)
+
+
+short_str = st.text(max_size=80).filter(lambda text: len(text.encode()) <= 255)
+
+
+@given(
+    consumer_tag=short_str,
+    delivery_tag=st.integers(0, 2**63 - 1),  # pamqp reads a longlong as signed
+    redelivered=st.booleans(),
+    exchange=short_str,  # any name the broker allows, not only pamqp's pattern
+    routing_key=short_str,
+)
+def test_basic_deliver_decodes_as_pamqps_own_unmarshal(
+    consumer_tag: str, delivery_tag: int, redelivered: bool, exchange: str, routing_key: str
+) -> None:
+    # Encoded field by field: pamqp's marshal() would refuse such exchange names.
+    data = b"".join(
+        (
+            METHOD_INDEX.pack(commands.Basic.Deliver.index),
+            encode.short_string(consumer_tag),
+            encode.long_long_int(delivery_tag),
+            encode.octet(int(redelivered)),
+            encode.short_string(exchange),
+            encode.short_string(routing_key),
+        )
+    )
+    generic = commands.Basic.Deliver()
+    generic.unmarshal(data[4:])
+    decoded = decode_method(data)
+    assert type(decoded) is commands.Basic.Deliver
+    assert dict(decoded) == dict(generic)
+    assert dict(decoded) == {
+        "consumer_tag": consumer_tag,
+        "delivery_tag": delivery_tag,
+        "redelivered": redelivered,
+        "exchange": exchange,
+        "routing_key": routing_key,
+    }
+
+
+@pytest.mark.parametrize("cut", [4, 5, 10, 17])
+def test_a_basic_deliver_cut_short_is_the_brokers_error(cut: int) -> None:
+    deliver = commands.Basic.Deliver("ctag", 7, True, "ex", "rk")
+    data = payload(pamqp.frame.marshal(deliver, 1))
+    with pytest.raises(RemoteProtocolError, match="cannot be decoded"):
+        decode_method(data[:cut])
 
 
 def test_the_fast_header_decoder_agrees_with_pamqp() -> None:

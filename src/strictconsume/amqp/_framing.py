@@ -14,6 +14,7 @@ from typing import Final
 
 import pamqp.frame
 from pamqp import commands, constants, header
+from pamqp import decode as pamqp_decode
 from pamqp.base import Frame
 from pamqp.body import ContentBody
 
@@ -24,6 +25,7 @@ __all__ = [
     "BASIC_CLASS",
     "CONNECTION_CLASS",
     "CONTENT_PREFIX",
+    "DELIVER_INDEX",
     "FRAME_BODY",
     "FRAME_END",
     "FRAME_HEADER",
@@ -126,12 +128,45 @@ def decode(frame: bytes) -> object:
 def decode_method(payload: bytes) -> Frame:
     """Decode a method frame's payload: the method index, then its arguments."""
     try:
-        method: Frame = commands.INDEX_MAPPING[METHOD_INDEX.unpack_from(payload)[0]]()
+        index = METHOD_INDEX.unpack_from(payload)[0]
+        if index == DELIVER_INDEX:
+            return _decode_deliver(payload)
+        method: Frame = commands.INDEX_MAPPING[index]()
         method.unmarshal(payload[4:])
     except Exception as exc:
         raise RemoteProtocolError(
             f"the broker sent a frame that cannot be decoded: {exc!r}"
         ) from exc
+    return method
+
+
+DELIVER_INDEX: Final = commands.Basic.Deliver.index
+_short_str = pamqp_decode.short_str
+_long_long_int = pamqp_decode.long_long_int
+_bit = pamqp_decode.bit
+
+
+def _decode_deliver(payload: bytes) -> commands.Basic.Deliver:
+    """basic.deliver, the method of every message consumed: what
+    ``Frame.unmarshal`` does for it, with pamqp's own field decoders called in the
+    method's field order instead of looked up by name and type for each field (a
+    third of a delivery's decoding time). Like ``unmarshal``, the values are taken as
+    they come (no ``validate()``: a broker's exchange name is not ours to refuse)."""
+    data = payload[4:]
+    used, consumer_tag = _short_str(data)
+    data = data[used:]
+    used, delivery_tag = _long_long_int(data)
+    data = data[used:]
+    _, redelivered = _bit(data, 0)
+    data = data[1:]  # the octet of the bit field
+    used, exchange = _short_str(data)
+    _, routing_key = _short_str(data[used:])
+    method = commands.Basic.Deliver.__new__(commands.Basic.Deliver)
+    method.consumer_tag = consumer_tag
+    method.delivery_tag = delivery_tag
+    method.redelivered = redelivered
+    method.exchange = exchange
+    method.routing_key = routing_key
     return method
 
 
