@@ -132,9 +132,10 @@ class _ChannelState:
         if self.inflight == 0:
             self.idle.set()
 
-    async def acked(self, delivery_tag: int) -> None:
-        """The message of ``delivery_tag`` is done: ack it, coalesced with others."""
-        await self.acks.acked(delivery_tag, alone=self.inflight == 1)
+    async def acked(self, delivery_tag: int, duration: float | None = None) -> None:
+        """The message of ``delivery_tag`` is done: ack it, coalesced with others
+        (``duration``: its handler's, for the ack hold)."""
+        await self.acks.acked(delivery_tag, alone=self.inflight == 1, duration=duration)
 
     async def flush(self) -> None:
         """Send the acks the tracker has ready (see :meth:`ChannelAcks.flush`)."""
@@ -547,20 +548,27 @@ class Dispatcher:
                 self._record(msg, Outcome(OutcomeKind.CANCELLED), started, None)
                 return
             outcome = decide(error, attempt=msg.attempt, retry=spec.retry)
+            ended = None
             if outcome.kind is OutcomeKind.ACK or outcome.kind is OutcomeKind.DUPLICATE:
-                await state.acked(delivery.delivery_tag)
+                ended = native.current_time()
+                await state.acked(delivery.delivery_tag, ended - started)
             else:
                 with anyio.CancelScope(shield=True):
                     outcome = await self._settlement.settle(state, msg, outcome)
-            self._record(msg, outcome, started, error)
+            self._record(msg, outcome, started, error, ended)
         finally:
             del state.running[delivery.delivery_tag]
             state.ended()
 
     def _record(
-        self, msg: Message, outcome: Outcome, started: float, error: BaseException | None
+        self,
+        msg: Message,
+        outcome: Outcome,
+        started: float,
+        error: BaseException | None,
+        ended: float | None = None,
     ) -> None:
-        duration = self._native.current_time() - started
+        duration = (self._native.current_time() if ended is None else ended) - started
         self._on_outcome(self.queue, outcome.kind, duration)
         if self.pipeline.tracing is not None:
             self.pipeline.tracing.outcome(outcome, error)
