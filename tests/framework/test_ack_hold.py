@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any, cast
 
 import anyio
+import anyio.lowlevel
 import pytest
 import trio.testing
 
@@ -120,7 +121,7 @@ async def test_a_lone_finished_message_waits_the_hold_for_its_ack(
         for tag in range(1, 51):
             await acks.acked(tag, alone=False, duration=duration)
             if tag % 12 == 0:
-                await anyio.sleep(0)  # a batch: the acker flushes at once
+                await anyio.lowlevel.checkpoint()  # a batch: the acker flushes at once
         await anyio.sleep(ACK_DELAY * 2)
         assert acks.hold.mean == pytest.approx(duration, rel=0.05)
         assert acks.tracker.pending == 0
