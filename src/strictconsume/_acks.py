@@ -44,6 +44,7 @@ __all__ = [
     "ACK_DELAY",
     "HOLD_SHARE",
     "SETTLE_TIMEOUT",
+    "TIMER_RESOLUTION",
     "Ack",
     "AckHold",
     "AckTracker",
@@ -63,6 +64,12 @@ ACK_DELAY = 0.002
 #: For handlers that take longer than :data:`ACK_DELAY` on average, the share of their
 #: mean duration a finished message may wait for its ack instead (see :class:`AckHold`).
 HOLD_SHARE = 0.02
+
+#: Seconds below which a hold is no hold at all: the event loop's timers wake from
+#: epoll, whose timeout CPython rounds up to whole milliseconds, so a shorter wait on
+#: an idle loop lasts a millisecond anyway. A finished message is then acked once the
+#: handlers that finished in the same scheduler round have run.
+TIMER_RESOLUTION = 0.001
 
 #: The weight of the latest handler duration in :attr:`AckHold.mean` (about the last
 #: 16 messages count).
@@ -174,7 +181,10 @@ class AckHold:
     message waits for its ack is a moment its slot of the prefetch window does no
     work (at a 10 ms handler and prefetch 100, the 2 ms hold was about a fourteenth
     of a slot's cycle). They get :data:`HOLD_SHARE` of their mean duration, at most
-    :data:`ACK_DELAY`: 0.2 ms for 10 ms handlers, the full 2 ms from 100 ms on.
+    :data:`ACK_DELAY`, and none where that is below :data:`TIMER_RESOLUTION` (a wait
+    the loop cannot keep that short): up to 50 ms handlers their acks go out once per
+    scheduler round, with the others that finished in it; 1 ms at 50 ms, the full
+    2 ms from 100 ms on.
 
     The mean is a moving average of the durations of the handlers acked (each weighs
     :data:`HOLD_WEIGHT`), so a consumer whose handlers change pace follows within a
@@ -194,7 +204,10 @@ class AckHold:
         mean = self.mean
         if mean <= ACK_DELAY:
             return ACK_DELAY
-        return min(ACK_DELAY, HOLD_SHARE * mean)
+        hold = HOLD_SHARE * mean
+        if hold < TIMER_RESOLUTION:
+            return 0.0
+        return min(ACK_DELAY, hold)
 
 
 class ChannelAcks:
@@ -215,9 +228,10 @@ class ChannelAcks:
         meanwhile (design section 4)."""
         while True:
             await self.ack_wanted.take()
-            if self.tracker.pending < self.ack_batch:
+            delay = self.hold.delay
+            if delay and self.tracker.pending < self.ack_batch:
                 self.batch_full.clear()
-                with anyio.move_on_after(self.hold.delay):
+                with anyio.move_on_after(delay):
                     await self.batch_full.wait()
             await self.flush()
 
