@@ -345,10 +345,12 @@ class Timing:
         )
         timing = self
 
-        async def timed_acked(self: ChannelAcks, delivery_tag: int, *, alone: bool) -> None:
+        async def timed_acked(
+            self: ChannelAcks, delivery_tag: int, *, alone: bool, duration: float | None = None
+        ) -> None:
             if timing.counter.on:
                 timing.finished.append(time.perf_counter())
-            await acked(self, delivery_tag, alone=alone)
+            await acked(self, delivery_tag, alone=alone, duration=duration)
 
         async def timed_flush(self: ChannelAcks) -> None:
             now = time.perf_counter()

@@ -6,8 +6,9 @@ Structure (design sections 3 to 5)::
       conn.channel()                    its own channel: prefetch and failure domain
         task group "handlers"           owns the acker and one task per delivery
           intake (a cancel scope)       basic.consume; cancelled by a shutdown
-          handler task                  move_on_after(timeout) around the handler,
-                                        then a shielded settlement
+          timeout watcher               cancels the handlers past their timeout
+          handler task                  a cancel scope around the handler (the
+                                        watcher's), then a shielded settlement
 
 This module is the channel loop and the logging of outcomes; the pieces it drives
 each have a module: the App's stop (``_shutdown.py``), the handler call
@@ -39,7 +40,7 @@ from ._acks import ACK_DELAY, SETTLE_TIMEOUT, ChannelAcks, ack_batch
 from ._backoff import DEFAULT_BACKOFF, Backoff
 from ._copies import copy_headers
 from ._copies import copy_properties as _copy_properties
-from ._handler import call_handler
+from ._handler import TimeoutWatcher, call_handler
 from ._message import Message
 from ._native import HandlerGroup, Native
 from ._outcome import Outcome, OutcomeKind, decide, error_type
@@ -116,6 +117,8 @@ class _ChannelState:
         #: The handlers running: delivery tag -> (when it started, message id), to
         #: name the message a broker's consumer timeout took back.
         self.running: dict[int, tuple[float, str | None]] = {}
+        #: Enforces the handlers' timeout (None: the consumer has none).
+        self.timeouts: TimeoutWatcher | None = None
 
     def started(self) -> None:
         if self.inflight == 0:
@@ -129,9 +132,10 @@ class _ChannelState:
         if self.inflight == 0:
             self.idle.set()
 
-    async def acked(self, delivery_tag: int) -> None:
-        """The message of ``delivery_tag`` is done: ack it, coalesced with others."""
-        await self.acks.acked(delivery_tag, alone=self.inflight == 1)
+    async def acked(self, delivery_tag: int, duration: float | None = None) -> None:
+        """The message of ``delivery_tag`` is done: ack it, coalesced with others
+        (``duration``: its handler's, for the ack hold)."""
+        await self.acks.acked(delivery_tag, alone=self.inflight == 1, duration=duration)
 
     async def flush(self) -> None:
         """Send the acks the tracker has ready (see :meth:`ChannelAcks.flush`)."""
@@ -303,6 +307,9 @@ class Dispatcher:
         try:
             async with native.task_group() as handlers:
                 handlers.start_soon(state.acks.acker)
+                if self.spec.timeout is not None:
+                    state.timeouts = TimeoutWatcher(native)
+                    handlers.start_soon(state.timeouts.run)
                 intake = self.shutdown.intake_scope()
 
                 def take(delivery: Delivery) -> bool:
@@ -503,11 +510,21 @@ class Dispatcher:
             try:
                 if spec.idempotency is None:
                     error = await call_handler(
-                        spec, msg, pipeline=self.pipeline, started=started, native=native
+                        spec,
+                        msg,
+                        pipeline=self.pipeline,
+                        started=started,
+                        native=native,
+                        timeouts=state.timeouts,
                     )
                 else:  # skip a handled key; the handler's timeout starts once claimed
                     run = functools.partial(
-                        call_handler, spec, msg, pipeline=self.pipeline, native=native
+                        call_handler,
+                        spec,
+                        msg,
+                        pipeline=self.pipeline,
+                        native=native,
+                        timeouts=state.timeouts,
                     )
                     error = await guard(spec.idempotency, msg, run, handler_timeout=spec.timeout)
             except anyio.get_cancelled_exc_class():
@@ -531,20 +548,27 @@ class Dispatcher:
                 self._record(msg, Outcome(OutcomeKind.CANCELLED), started, None)
                 return
             outcome = decide(error, attempt=msg.attempt, retry=spec.retry)
+            ended = None
             if outcome.kind is OutcomeKind.ACK or outcome.kind is OutcomeKind.DUPLICATE:
-                await state.acked(delivery.delivery_tag)
+                ended = native.current_time()
+                await state.acked(delivery.delivery_tag, ended - started)
             else:
                 with anyio.CancelScope(shield=True):
                     outcome = await self._settlement.settle(state, msg, outcome)
-            self._record(msg, outcome, started, error)
+            self._record(msg, outcome, started, error, ended)
         finally:
             del state.running[delivery.delivery_tag]
             state.ended()
 
     def _record(
-        self, msg: Message, outcome: Outcome, started: float, error: BaseException | None
+        self,
+        msg: Message,
+        outcome: Outcome,
+        started: float,
+        error: BaseException | None,
+        ended: float | None = None,
     ) -> None:
-        duration = self._native.current_time() - started
+        duration = (self._native.current_time() if ended is None else ended) - started
         self._on_outcome(self.queue, outcome.kind, duration)
         if self.pipeline.tracing is not None:
             self.pipeline.tracing.outcome(outcome, error)
