@@ -1,0 +1,236 @@
+"""The channel's handler tasks (``Native.task_group``): a trio nursery on trio, the
+loop's own tasks on asyncio (:class:`AsyncioHandlers`). The same tests run on both, so
+that the asyncio group is held to a nursery's semantics: it waits for its tasks,
+``cancel`` reaches every task (and those started after it) but not a shielded scope
+inside one, a failing task cancels the rest and the body and is raised in a group,
+a cancellation from outside cancels the tasks and is not turned into an error, and no
+task starts once the group has ended.
+"""
+
+from __future__ import annotations
+
+import anyio
+import pytest
+
+from strictconsume._native import HandlerGroup, Native
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_the_group_waits_for_its_tasks() -> None:
+    done: list[int] = []
+
+    async def task(n: int) -> None:
+        await anyio.sleep(0.01 * n)
+        done.append(n)
+
+    async with Native().task_group() as group:
+        for n in (3, 1, 2):
+            group.start_soon(task, n)
+        assert done == []
+    assert sorted(done) == [1, 2, 3]
+
+
+async def test_cancel_reaches_running_tasks_and_later_ones() -> None:
+    events: list[str] = []
+
+    async def forever(name: str) -> None:
+        try:
+            await anyio.sleep_forever()
+        except anyio.get_cancelled_exc_class():
+            events.append(f"{name} cancelled")
+            raise
+
+    with anyio.fail_after(5):
+        async with Native().task_group() as group:
+            group.start_soon(forever, "first")
+            await anyio.sleep(0.01)
+            group.cancel()
+            group.start_soon(forever, "later")
+    assert events == ["first cancelled", "later cancelled"]
+
+
+async def test_cancel_waits_for_a_shielded_scope_inside_a_task() -> None:
+    events: list[str] = []
+
+    async def settles() -> None:
+        with anyio.CancelScope(shield=True):
+            events.append("shielded")
+            await anyio.sleep(0.05)
+            events.append("settled")
+        events.append("after the shield")  # not reached: cancelled at the next await
+        await anyio.sleep(1)
+
+    with anyio.fail_after(5):
+        async with Native().task_group() as group:
+            group.start_soon(settles)
+            await anyio.sleep(0.01)
+            group.cancel()
+    assert events == ["shielded", "settled", "after the shield"]
+
+
+async def test_a_failing_task_cancels_the_rest_and_the_body_and_is_raised() -> None:
+    events: list[str] = []
+
+    async def fails() -> None:
+        await anyio.sleep(0.01)
+        raise ValueError("boom")
+
+    async def waits() -> None:
+        try:
+            await anyio.sleep_forever()
+        finally:
+            events.append("task cancelled")
+
+    body_waited = anyio.move_on_after(5)
+
+    async def run() -> None:
+        async with Native().task_group() as group:
+            group.start_soon(waits)
+            group.start_soon(fails)
+            with body_waited:
+                try:
+                    await anyio.sleep_forever()
+                finally:
+                    events.append("body cancelled")
+
+    with pytest.raises(BaseExceptionGroup) as caught:
+        await run()
+    assert not body_waited.cancelled_caught  # cancelled by the failure, not the 5 s
+    assert [type(exc) for exc in caught.value.exceptions] == [ValueError]
+    assert str(caught.value.exceptions[0]) == "boom"
+    assert sorted(events) == ["body cancelled", "task cancelled"]
+
+
+async def test_an_error_in_the_body_cancels_the_tasks_and_is_raised_in_a_group() -> None:
+    cancelled: list[bool] = []
+
+    async def waits() -> None:
+        try:
+            await anyio.sleep_forever()
+        finally:
+            cancelled.append(True)
+
+    async def run() -> None:
+        async with Native().task_group() as group:
+            group.start_soon(waits)
+            await anyio.sleep(0.01)
+            raise KeyError("in the body")
+
+    with anyio.fail_after(5), pytest.raises(BaseExceptionGroup) as caught:
+        await run()
+    assert [type(exc) for exc in caught.value.exceptions] == [KeyError]
+    assert cancelled == [True]
+
+
+@pytest.mark.parametrize("names", [("a", "b"), ()], ids=["two-tasks", "no-task"])
+async def test_a_cancellation_from_outside_cancels_the_tasks_and_stays_one(
+    names: tuple[str, ...],
+) -> None:
+    cancelled: list[str] = []
+
+    async def waits(name: str) -> None:
+        try:
+            await anyio.sleep_forever()
+        finally:
+            cancelled.append(name)
+
+    reached: list[str] = []
+    with anyio.CancelScope() as outer:
+        async with Native().task_group() as group:
+            for name in names:
+                group.start_soon(waits, name)
+            await anyio.sleep(0.01)
+            outer.cancel()
+            await anyio.sleep_forever()
+        reached.append("after the group")  # the cancellation must go on up
+    assert outer.cancelled_caught
+    assert reached == []
+    assert sorted(cancelled) == list(names)
+
+
+async def test_a_cancellation_from_outside_while_the_group_waits_for_its_tasks() -> None:
+    cancelled: list[bool] = []
+
+    async def waits() -> None:
+        try:
+            await anyio.sleep_forever()
+        finally:
+            cancelled.append(True)
+
+    reached: list[str] = []
+    with anyio.move_on_after(0.05) as outer:
+        async with Native().task_group() as group:
+            group.start_soon(waits)
+        # the body ended at once; the group waits for the task until the deadline
+        reached.append("after the group")
+    assert outer.cancelled_caught
+    assert reached == []
+    assert cancelled == [True]
+
+
+async def test_no_task_starts_once_the_group_has_ended() -> None:
+    kept: list[HandlerGroup] = []
+    async with Native().task_group() as group:
+        kept.append(group)
+    with pytest.raises(RuntimeError):
+        kept[0].start_soon(anyio.sleep, 0)
+
+
+async def test_a_task_may_start_another_while_the_group_runs() -> None:
+    order: list[str] = []
+
+    async def child() -> None:
+        await anyio.sleep(0.01)
+        order.append("child")
+
+    async def parent(group: HandlerGroup) -> None:
+        group.start_soon(child)
+        order.append("parent")
+
+    async with Native().task_group() as group:
+        group.start_soon(parent, group)
+    assert order == ["parent", "child"]
+
+
+async def test_the_scopes_of_native_are_plain_anyio_scopes() -> None:
+    """A scope from ``Native.cancel_scope`` is cancelled by its deadline and nests
+    with anyio's own, on both backends."""
+    native = Native()
+    with anyio.CancelScope() as outer:
+        with native.cancel_scope(deadline=native.current_time() + 0.01) as inner:
+            await anyio.sleep(5)
+    assert inner.cancelled_caught
+    assert not outer.cancelled_caught
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_a_task_cancelled_by_asyncio_itself_cancels_the_rest_quietly() -> None:
+    """As asyncio.run ends it cancels every task with ``task.cancel()``, not through
+    the group: the group then cancels the rest and the body, raising nothing more
+    (an ``asyncio.CancelledError`` in a group would be logged as a crash)."""
+    import asyncio
+
+    events: list[str] = []
+
+    async def cancelled_natively() -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        task.cancel()
+        await asyncio.sleep(1)
+
+    async def waits() -> None:
+        try:
+            await anyio.sleep_forever()
+        finally:
+            events.append("task cancelled")
+
+    with anyio.fail_after(5):
+        async with Native().task_group() as group:
+            group.start_soon(waits)
+            group.start_soon(cancelled_natively)
+            try:
+                await anyio.sleep_forever()
+            finally:
+                events.append("body cancelled")
+    assert sorted(events) == ["body cancelled", "task cancelled"]
