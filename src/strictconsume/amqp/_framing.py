@@ -46,6 +46,7 @@ __all__ = [
     "decode",
     "decode_header",
     "decode_method",
+    "deliver_fields",
 ]
 
 FRAME_HEADER: Final = struct.Struct(">BHI")
@@ -146,12 +147,19 @@ _long_long_int = pamqp_decode.long_long_int
 _bit = pamqp_decode.bit
 
 
-def _decode_deliver(payload: bytes) -> commands.Basic.Deliver:
-    """basic.deliver, the method of every message consumed: what
-    ``Frame.unmarshal`` does for it, with pamqp's own field decoders called in the
-    method's field order instead of looked up by name and type for each field (a
-    third of a delivery's decoding time). Like ``unmarshal``, the values are taken as
-    they come (no ``validate()``: a broker's exchange name is not ours to refuse)."""
+def deliver_fields(payload: bytes) -> tuple[str, int, bool, str, str]:
+    """basic.deliver's arguments from its method frame's payload (the 4-byte method
+    index first): consumer tag, delivery tag, redelivered, exchange, routing key.
+
+    What ``Frame.unmarshal`` does for basic.deliver, with pamqp's own field decoders
+    called in the method's field order instead of looked up by name and type for
+    each field (a third of a delivery's decoding time). Like ``unmarshal``, the values
+    are taken as they come (no ``validate()``: a broker's exchange name is not ours to
+    refuse).
+
+    Raises:
+        ValueError: the payload is too short for its fields.
+    """
     data = payload[4:]
     used, consumer_tag = _short_str(data)
     data = data[used:]
@@ -161,6 +169,12 @@ def _decode_deliver(payload: bytes) -> commands.Basic.Deliver:
     data = data[1:]  # the octet of the bit field
     used, exchange = _short_str(data)
     _, routing_key = _short_str(data[used:])
+    return consumer_tag, delivery_tag, redelivered, exchange, routing_key
+
+
+def _decode_deliver(payload: bytes) -> commands.Basic.Deliver:
+    """basic.deliver, the method of every message consumed, as pamqp's class."""
+    consumer_tag, delivery_tag, redelivered, exchange, routing_key = deliver_fields(payload)
     method = commands.Basic.Deliver.__new__(commands.Basic.Deliver)
     method.consumer_tag = consumer_tag
     method.delivery_tag = delivery_tag
