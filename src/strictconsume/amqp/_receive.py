@@ -71,6 +71,7 @@ from ._events import (
 from ._framing import (
     BASIC_CLASS,
     CONNECTION_CLASS,
+    CONTENT_PREFIX,
     DELIVER_INDEX,
     FRAME_BODY,
     FRAME_END,
@@ -197,20 +198,15 @@ def _whole_delivery(
     if (
         frame_type != FRAME_HEADER_TYPE
         or frame_channel != channel_id
+        or size < 14  # class, weight, body size, property flags
         or size + FRAME_OVERHEAD > limit
         or header_end > size_total
         or source[header_end - 1] != FRAME_END
     ):
         return 0
-    try:
-        class_id, body_size, properties = decode_content_header(
-            view[end + 7 : header_end - 1].tobytes()
-        )
-        consumer_tag, delivery_tag, redelivered, exchange, routing_key = deliver_fields(
-            view[start + 7 : end - 1].tobytes()
-        )
-    except Exception:
-        return 0
+    # The shape first, the decoding last: a body over several frames (or not read
+    # yet) is declined before anything is decoded twice.
+    class_id, body_size = CONTENT_PREFIX.unpack_from(source, end + 7)
     if class_id != BASIC_CLASS:
         return 0
     if body_size:
@@ -227,10 +223,16 @@ def _whole_delivery(
             or source[last - 1] != FRAME_END
         ):
             return 0
-        body = view[header_end + 7 : last - 1].tobytes()
     else:
         last = header_end
-        body = b""
+    try:
+        properties = decode_content_header(view[end + 7 : header_end - 1].tobytes())[2]
+        consumer_tag, delivery_tag, redelivered, exchange, routing_key = deliver_fields(
+            view[start + 7 : end - 1].tobytes()
+        )
+    except Exception:
+        return 0
+    body = view[header_end + 7 : last - 1].tobytes() if body_size else b""
     conn.events.append(
         Delivery(
             channel_id,
