@@ -20,6 +20,11 @@ confirms to its :class:`PublishConfirms` (``_confirms.py``).
 # payload and the frame-end octet. A garbled stream (no 0xCE frame-end octet) is
 # reported as such.
 #
+# A whole delivery (basic.deliver, its content header and one body frame with the
+# whole body, all complete in the buffer, on an open channel with no content under
+# way) is taken in one step by _whole_delivery, with the general path's checks; any
+# other shape goes through the general path one frame at a time, which alone raises.
+#
 # The broker may answer with connection.close at any point of the handshake (403
 # ACCESS_REFUSED after start-ok, 530 NOT_ALLOWED after open); that becomes
 # ConnectionClosedByBroker. A broker that does not speak 0-9-1 answers the protocol
