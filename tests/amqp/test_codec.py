@@ -13,10 +13,12 @@ import struct
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from pamqp import frame, header
 
 from strictconsume._dispatch import _copy_properties, copy_headers
-from strictconsume.amqp import Headers, Properties, Timestamp
+from strictconsume.amqp import Headers, Properties, Timestamp, _codec
 from strictconsume.amqp._codec import (
     content_header,
     decode_content_header,
@@ -287,6 +289,74 @@ def test_a_content_header_frame_is_what_pamqp_would_marshal_for_plain_values() -
     assert (class_id, size) == (60, 10)
     assert back == properties
     assert frame.marshal(content_header(0, None), 1) == frame.marshal(header.ContentHeader(), 1)
+
+
+# Plain values of each property, as pamqp's own ContentHeader.unmarshal decodes them
+# (timestamps aside: pamqp reads large ones as milliseconds, see the module notes).
+PLAIN_VALUES: dict[str, Any] = {
+    "content_type": "application/json",
+    "content_encoding": "gzip",
+    "headers": {"a": 1, "s": "x"},
+    "delivery_mode": 2,
+    "priority": 9,
+    "correlation_id": "c",
+    "reply_to": "r",
+    "expiration": "60000",
+    "message_id": "m",
+    "message_type": "t",
+    "user_id": "guest",
+    "app_id": "app",
+    "cluster_id": "cl",
+}
+
+
+@given(st.sets(st.sampled_from(sorted(PLAIN_VALUES))))
+def test_any_set_of_properties_decodes_as_pamqp_unmarshals_it(names: set[str]) -> None:
+    properties = Properties()
+    for name in names:
+        setattr(properties, name, PLAIN_VALUES[name])
+    wire = header.ContentHeader(0, 5, properties).marshal()
+    pamqps = header.ContentHeader()
+    pamqps.unmarshal(wire)
+    class_id, size, ours = decode_content_header(wire)
+    assert (class_id, size) == (60, 5)
+    assert type(ours) is Properties
+    for name in Properties.attributes():
+        assert getattr(ours, name) == getattr(pamqps.properties, name), name
+        if name != "headers":  # a Headers, the dict that remembers its bytes
+            assert type(getattr(ours, name)) is type(getattr(pamqps.properties, name)), name
+    assert isinstance(ours.headers, Headers) == ("headers" in names)
+
+
+def test_decoded_properties_are_taken_as_they_come_as_pamqp_does() -> None:
+    # pamqp's Properties(...) would refuse both (validate()); its unmarshal does not,
+    # and neither do we: what the broker delivered reaches the handler as it is.
+    with pytest.raises(ValueError, match="delivery_mode"):
+        Properties(delivery_mode=3)
+    decoded_properties = decode_properties(b"\x10\x04\x03\x02cl")
+    assert decoded_properties.delivery_mode == 3
+    assert decoded_properties.cluster_id == "cl"
+    empty = decode_properties(b"\x00\x00")
+    assert empty == Properties()
+    assert empty.cluster_id == ""
+
+
+def test_the_plan_cache_is_bounded_and_decoding_goes_on_past_it() -> None:
+    # 2**13 sets of the 13 properties with plain values, more than the cache holds:
+    # every one still decodes right once the cache is full.
+    names = sorted(PLAIN_VALUES)
+    seen = 0
+    for mask in range(0, 2 ** len(names), 7):
+        properties = Properties()
+        chosen = [name for bit, name in enumerate(names) if mask >> bit & 1]
+        for name in chosen:
+            setattr(properties, name, PLAIN_VALUES[name])
+        back = decode_properties(encode_properties(properties))
+        for name in Properties.attributes():
+            assert getattr(back, name) == getattr(properties, name), (mask, name)
+        seen += 1
+    assert seen > _codec._PLANS_MAX
+    assert len(_codec._PLANS) == _codec._PLANS_MAX
 
 
 def test_properties_that_are_not_utf8_are_a_value_error() -> None:

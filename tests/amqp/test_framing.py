@@ -102,6 +102,37 @@ def test_basic_deliver_decodes_as_pamqps_own_unmarshal(
     }
 
 
+@given(
+    consumer_tag=short_str,
+    delivery_tag=st.integers(-(2**63), 2**63 - 1),
+    bits=st.integers(0, 255),
+    exchange=short_str,
+    routing_key=short_str,
+    cut=st.integers(4, 800),
+)
+def test_basic_deliver_cut_anywhere_decodes_or_fails_as_pamqps_unmarshal(
+    consumer_tag: str, delivery_tag: int, bits: int, exchange: str, routing_key: str, cut: int
+) -> None:
+    data = b"".join(
+        (
+            METHOD_INDEX.pack(commands.Basic.Deliver.index),
+            encode.short_string(consumer_tag),
+            encode.long_long_int(delivery_tag),
+            encode.octet(bits),
+            encode.short_string(exchange),
+            encode.short_string(routing_key),
+        )
+    )[:cut]
+    generic = commands.Basic.Deliver()
+    try:
+        generic.unmarshal(data[4:])
+    except Exception:
+        with pytest.raises(RemoteProtocolError, match="cannot be decoded"):
+            decode_method(data)
+        return
+    assert dict(decode_method(data)) == dict(generic)
+
+
 @pytest.mark.parametrize("cut", [4, 5, 10, 17])
 def test_a_basic_deliver_cut_short_is_the_brokers_error(cut: int) -> None:
     deliver = commands.Basic.Deliver("ctag", 7, True, "ex", "rk")

@@ -299,6 +299,51 @@ _PROPERTIES: Final = tuple(
 )
 
 
+_Plan = tuple[tuple[str, _Reader], ...]
+# The readers for each flags value seen, in encoding order: a few flag sets cover
+# almost every message (a publisher sets the same properties each time), so the walk
+# over all 14 properties is done once per set. Bounded: past _PLANS_MAX distinct
+# values (bits no property has, more flag words) a plan is made for each call.
+_PLANS: Final[dict[int, _Plan]] = {}
+_PLANS_MAX: Final = 256
+
+
+def _plan(flags: int) -> _Plan:
+    plan = tuple(
+        (name, _PROPERTY_READERS[kind]) for name, flag, kind in _PROPERTIES if flags & flag
+    )
+    if len(_PLANS) < _PLANS_MAX:
+        _PLANS[flags] = plan
+    return plan
+
+
+_new: Final = object.__new__
+_Properties: Final = commands.Basic.Properties
+
+
+def _blank_properties() -> commands.Basic.Properties:
+    """``Basic.Properties()`` without its ``validate()``, which checks only values
+    set in the constructor (none here). As in pamqp's own ``ContentHeader.unmarshal``,
+    values decoded from the wire are set as they come, unvalidated: a broker's
+    delivery_mode 3 or cluster_id is not ours to refuse."""
+    properties = _new(_Properties)
+    properties.content_type = None
+    properties.content_encoding = None
+    properties.headers = None
+    properties.delivery_mode = None
+    properties.priority = None
+    properties.correlation_id = None
+    properties.reply_to = None
+    properties.expiration = None
+    properties.message_id = None
+    properties.timestamp = None
+    properties.message_type = None
+    properties.user_id = None
+    properties.app_id = None
+    properties.cluster_id = ""
+    return properties
+
+
 def decode_properties(data: bytes, pos: int = 0) -> commands.Basic.Properties:
     """Decode the property flags and values at ``data[pos:]`` into pamqp's
     ``Basic.Properties`` (headers as :class:`Headers`; timestamps per the module notes).
@@ -306,23 +351,26 @@ def decode_properties(data: bytes, pos: int = 0) -> commands.Basic.Properties:
     Raises:
         ValueError: a value cannot be decoded (see the module notes).
     """
-    flags = 0
-    word = 0
     try:
-        while True:  # flag words; the lowest bit says another one follows
-            (partial,) = _FLAGS.unpack_from(data, pos)
-            pos += 2
-            flags |= partial << (16 * word)
-            if not partial & 1:
-                break
-            word += 1
-        properties = commands.Basic.Properties()
+        (flags,) = _FLAGS.unpack_from(data, pos)
+        pos += 2
+        if flags & 1:  # the lowest bit says another flag word follows
+            word = 0
+            partial = flags
+            while partial & 1:
+                word += 1
+                (partial,) = _FLAGS.unpack_from(data, pos)
+                pos += 2
+                flags |= partial << (16 * word)
+        properties = _blank_properties()
         if not flags:
             return properties
-        for name, flag, kind in _PROPERTIES:
-            if flags & flag:
-                value, pos = _PROPERTY_READERS[kind](data, pos)
-                setattr(properties, name, value)
+        plan = _PLANS.get(flags)
+        if plan is None:
+            plan = _plan(flags)
+        for name, reader in plan:
+            value, pos = reader(data, pos)
+            setattr(properties, name, value)
     except (struct.error, IndexError) as exc:
         raise ValueError(f"the message properties are truncated ({exc})") from exc
     except UnicodeDecodeError as exc:

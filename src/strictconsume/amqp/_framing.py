@@ -14,7 +14,6 @@ from typing import Final
 
 import pamqp.frame
 from pamqp import commands, constants, header
-from pamqp import decode as pamqp_decode
 from pamqp.base import Frame
 from pamqp.body import ContentBody
 
@@ -46,6 +45,7 @@ __all__ = [
     "decode",
     "decode_header",
     "decode_method",
+    "deliver_fields",
 ]
 
 FRAME_HEADER: Final = struct.Struct(">BHI")
@@ -141,26 +141,39 @@ def decode_method(payload: bytes) -> Frame:
 
 
 DELIVER_INDEX: Final = commands.Basic.Deliver.index
-_short_str = pamqp_decode.short_str
-_long_long_int = pamqp_decode.long_long_int
-_bit = pamqp_decode.bit
+# The delivery tag as pamqp reads a long-long (signed), then the octet of the bits.
+_TAG_AND_BITS: Final = struct.Struct(">qB")
+
+
+def deliver_fields(payload: bytes) -> tuple[str, int, bool, str, str]:
+    """basic.deliver's arguments from its method frame's payload (the 4-byte method
+    index first): consumer tag, delivery tag, redelivered, exchange, routing key.
+
+    What ``Frame.unmarshal`` does for basic.deliver (checked equal for any values and
+    any truncation), read in the method's field order with offsets into the payload,
+    where pamqp looks each field's decoder up by name and type and copies the rest of
+    the payload for every field (two thirds of a delivery's method decoding). Like
+    ``unmarshal``, the values are taken as they come (no ``validate()``: a broker's
+    exchange name is not ours to refuse), and a short string cut short by the end of
+    the payload is read as far as it goes.
+
+    Raises:
+        ValueError, IndexError, struct.error, UnicodeDecodeError: the payload is too
+            short for its fields, or a string is not UTF-8.
+    """
+    pos = 5 + payload[4]
+    consumer_tag = payload[5:pos].decode("utf-8")
+    delivery_tag, bits = _TAG_AND_BITS.unpack_from(payload, pos)
+    pos += 10  # past the tag, the bits and the exchange's length
+    end = pos + payload[pos - 1]
+    exchange = payload[pos:end].decode("utf-8")
+    routing_key = payload[end + 1 : end + 1 + payload[end]].decode("utf-8")
+    return consumer_tag, delivery_tag, bits & 1 != 0, exchange, routing_key
 
 
 def _decode_deliver(payload: bytes) -> commands.Basic.Deliver:
-    """basic.deliver, the method of every message consumed: what
-    ``Frame.unmarshal`` does for it, with pamqp's own field decoders called in the
-    method's field order instead of looked up by name and type for each field (a
-    third of a delivery's decoding time). Like ``unmarshal``, the values are taken as
-    they come (no ``validate()``: a broker's exchange name is not ours to refuse)."""
-    data = payload[4:]
-    used, consumer_tag = _short_str(data)
-    data = data[used:]
-    used, delivery_tag = _long_long_int(data)
-    data = data[used:]
-    _, redelivered = _bit(data, 0)
-    data = data[1:]  # the octet of the bit field
-    used, exchange = _short_str(data)
-    _, routing_key = _short_str(data[used:])
+    """basic.deliver, the method of every message consumed, as pamqp's class."""
+    consumer_tag, delivery_tag, redelivered, exchange, routing_key = deliver_fields(payload)
     method = commands.Basic.Deliver.__new__(commands.Basic.Deliver)
     method.consumer_tag = consumer_tag
     method.delivery_tag = delivery_tag

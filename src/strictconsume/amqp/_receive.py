@@ -20,6 +20,11 @@ confirms to its :class:`PublishConfirms` (``_confirms.py``).
 # payload and the frame-end octet. A garbled stream (no 0xCE frame-end octet) is
 # reported as such.
 #
+# A whole delivery (basic.deliver, its content header and one body frame with the
+# whole body, all complete in the buffer, on an open channel with no content under
+# way) is taken in one step by _whole_delivery, with the general path's checks; any
+# other shape goes through the general path one frame at a time, which alone raises.
+#
 # The broker may answer with connection.close at any point of the handshake (403
 # ACCESS_REFUSED after start-ok, 530 NOT_ALLOWED after open); that becomes
 # ConnectionClosedByBroker. A broker that does not speak 0-9-1 answers the protocol
@@ -52,6 +57,7 @@ import pamqp.frame
 from pamqp import commands
 from pamqp.base import Frame
 
+from ._codec import decode_content_header
 from ._content import ContentMethod
 from ._errors import RemoteProtocolError
 from ._events import (
@@ -61,13 +67,17 @@ from ._events import (
     ChannelOpened,
     ConnectionCloseCompleted,
     ConsumerCancelledByBroker,
+    Delivery,
     HeartbeatReceived,
     MethodReceived,
     PublishConfirmed,
     text,
 )
 from ._framing import (
+    BASIC_CLASS,
     CONNECTION_CLASS,
+    CONTENT_PREFIX,
+    DELIVER_INDEX,
     FRAME_BODY,
     FRAME_END,
     FRAME_HEADER,
@@ -78,6 +88,7 @@ from ._framing import (
     METHOD_INDEX,
     decode,
     decode_method,
+    deliver_fields,
 )
 from ._handshake import connection_method, on_connection_close
 from ._state import (
@@ -111,6 +122,7 @@ def parse_frames(conn: ConnectionRecord, source: bytes | bytearray) -> int:
     size_total = len(source)
     pos = 0
     unpack = FRAME_HEADER.unpack_from
+    index_of = METHOD_INDEX.unpack_from
     closed = ConnectionState.CLOSED
     # Only close() enters CLOSING, never a received frame: decide once.
     closing = conn.state is ConnectionState.CLOSING
@@ -140,6 +152,11 @@ def parse_frames(conn: ConnectionRecord, source: bytes | bytearray) -> int:
             elif frame_type == FRAME_BODY:
                 _body_frame(conn, channel_id, view[pos + 7 : end - 1].tobytes())
             elif frame_type == FRAME_METHOD:
+                if channel_id and size >= 4 and index_of(source, pos + 7)[0] == DELIVER_INDEX:
+                    after = _whole_delivery(conn, channel_id, source, view, pos, end, size_total)
+                    if after:
+                        pos = after
+                        continue
                 _method_frame(conn, channel_id, size, view, pos, end)
             elif frame_type == FRAME_HEADER_TYPE:
                 _header_frame(conn, channel_id, view[pos + 7 : end - 1].tobytes())
@@ -149,6 +166,91 @@ def parse_frames(conn: ConnectionRecord, source: bytes | bytearray) -> int:
             if conn.state is closed:
                 return size_total
     return pos
+
+
+def _whole_delivery(
+    conn: ConnectionRecord,
+    channel_id: int,
+    source: bytes | bytearray,
+    view: memoryview,
+    start: int,
+    end: int,
+    size_total: int,
+) -> int:
+    """The common shape of a delivery, handled at once: basic.deliver (the frame at
+    ``start``, checked by the loop), its content header and one body frame holding the
+    whole body (or none for an empty body), all complete in ``source``, on an open
+    channel with no content in progress. Returns the offset after its last frame, or
+    0 when the frames are of any other shape, for the general path to take them one
+    by one (and raise its errors, or find the content_error of properties that cannot
+    be decoded). Nothing is changed before the delivery is known whole and valid.
+
+    The checks are those of the general path for these frames: the frame limit and
+    frame-end octet of each, the header's class, a body of exactly the announced size.
+    """
+    channel = conn.channels.get(channel_id)
+    if (
+        channel is None
+        or channel.state is not ChannelState.OPEN
+        or channel.content_method is not None
+        or size_total - end < 7
+    ):
+        return 0
+    unpack = FRAME_HEADER.unpack_from
+    limit = conn.frame_limit
+    frame_type, frame_channel, size = unpack(source, end)
+    header_end = end + size + FRAME_OVERHEAD
+    if (
+        frame_type != FRAME_HEADER_TYPE
+        or frame_channel != channel_id
+        or size < 14  # class, weight, body size, property flags
+        or size + FRAME_OVERHEAD > limit
+        or header_end > size_total
+        or source[header_end - 1] != FRAME_END
+    ):
+        return 0
+    # The shape first, the decoding last: a body over several frames (or not read
+    # yet) is declined before anything is decoded twice.
+    class_id, body_size = CONTENT_PREFIX.unpack_from(source, end + 7)
+    if class_id != BASIC_CLASS:
+        return 0
+    if body_size:
+        if size_total - header_end < 7:
+            return 0
+        frame_type, frame_channel, size = unpack(source, header_end)
+        last: int = header_end + size + FRAME_OVERHEAD
+        if (
+            frame_type != FRAME_BODY
+            or frame_channel != channel_id
+            or size != body_size
+            or size + FRAME_OVERHEAD > limit
+            or last > size_total
+            or source[last - 1] != FRAME_END
+        ):
+            return 0
+    else:
+        last = header_end
+    try:
+        properties = decode_content_header(view[end + 7 : header_end - 1].tobytes())[2]
+        consumer_tag, delivery_tag, redelivered, exchange, routing_key = deliver_fields(
+            view[start + 7 : end - 1].tobytes()
+        )
+    except Exception:
+        return 0
+    body = view[header_end + 7 : last - 1].tobytes() if body_size else b""
+    conn.events.append(
+        Delivery(
+            channel_id,
+            consumer_tag or "",
+            delivery_tag or 0,
+            redelivered,
+            exchange,
+            routing_key or "",
+            properties,
+            body,
+        )
+    )
+    return last
 
 
 def _frame_while_closing(
