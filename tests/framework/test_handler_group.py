@@ -17,6 +17,14 @@ from strictconsume._native import HandlerGroup, Native
 pytestmark = pytest.mark.anyio
 
 
+async def until_cancelled(log: list[str], entry: str) -> None:
+    """Sleep until cancelled; then note ``entry`` in ``log``."""
+    try:
+        await anyio.sleep_forever()
+    finally:
+        log.append(entry)
+
+
 async def test_the_group_waits_for_its_tasks() -> None:
     done: list[int] = []
 
@@ -76,17 +84,11 @@ async def test_a_failing_task_cancels_the_rest_and_the_body_and_is_raised() -> N
         await anyio.sleep(0.01)
         raise ValueError("boom")
 
-    async def waits() -> None:
-        try:
-            await anyio.sleep_forever()
-        finally:
-            events.append("task cancelled")
-
     body_waited = anyio.move_on_after(5)
 
     async def run() -> None:
         async with Native().task_group() as group:
-            group.start_soon(waits)
+            group.start_soon(until_cancelled, events, "task cancelled")
             group.start_soon(fails)
             with body_waited:
                 try:
@@ -103,24 +105,18 @@ async def test_a_failing_task_cancels_the_rest_and_the_body_and_is_raised() -> N
 
 
 async def test_an_error_in_the_body_cancels_the_tasks_and_is_raised_in_a_group() -> None:
-    cancelled: list[bool] = []
-
-    async def waits() -> None:
-        try:
-            await anyio.sleep_forever()
-        finally:
-            cancelled.append(True)
+    cancelled: list[str] = []
 
     async def run() -> None:
         async with Native().task_group() as group:
-            group.start_soon(waits)
+            group.start_soon(until_cancelled, cancelled, "task")
             await anyio.sleep(0.01)
             raise KeyError("in the body")
 
     with anyio.fail_after(5), pytest.raises(BaseExceptionGroup) as caught:
         await run()
     assert [type(exc) for exc in caught.value.exceptions] == [KeyError]
-    assert cancelled == [True]
+    assert cancelled == ["task"]
 
 
 @pytest.mark.parametrize("names", [("a", "b"), ()], ids=["two-tasks", "no-task"])
@@ -128,18 +124,11 @@ async def test_a_cancellation_from_outside_cancels_the_tasks_and_stays_one(
     names: tuple[str, ...],
 ) -> None:
     cancelled: list[str] = []
-
-    async def waits(name: str) -> None:
-        try:
-            await anyio.sleep_forever()
-        finally:
-            cancelled.append(name)
-
     reached: list[str] = []
     with anyio.CancelScope() as outer:
         async with Native().task_group() as group:
             for name in names:
-                group.start_soon(waits, name)
+                group.start_soon(until_cancelled, cancelled, name)
             await anyio.sleep(0.01)
             outer.cancel()
             await anyio.sleep_forever()
@@ -150,23 +139,16 @@ async def test_a_cancellation_from_outside_cancels_the_tasks_and_stays_one(
 
 
 async def test_a_cancellation_from_outside_while_the_group_waits_for_its_tasks() -> None:
-    cancelled: list[bool] = []
-
-    async def waits() -> None:
-        try:
-            await anyio.sleep_forever()
-        finally:
-            cancelled.append(True)
-
+    cancelled: list[str] = []
     reached: list[str] = []
     with anyio.move_on_after(0.05) as outer:
         async with Native().task_group() as group:
-            group.start_soon(waits)
+            group.start_soon(until_cancelled, cancelled, "task")
         # the body ended at once; the group waits for the task until the deadline
         reached.append("after the group")
     assert outer.cancelled_caught
     assert reached == []
-    assert cancelled == [True]
+    assert cancelled == ["task"]
 
 
 async def test_no_task_starts_once_the_group_has_ended() -> None:
@@ -219,15 +201,9 @@ async def test_a_task_cancelled_by_asyncio_itself_cancels_the_rest_quietly() -> 
         task.cancel()
         await asyncio.sleep(1)
 
-    async def waits() -> None:
-        try:
-            await anyio.sleep_forever()
-        finally:
-            events.append("task cancelled")
-
     with anyio.fail_after(5):
         async with Native().task_group() as group:
-            group.start_soon(waits)
+            group.start_soon(until_cancelled, events, "task cancelled")
             group.start_soon(cancelled_natively)
             try:
                 await anyio.sleep_forever()
