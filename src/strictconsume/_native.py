@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import importlib
 import math
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -59,6 +59,12 @@ class AsyncioHandlers:
       (a cancellation that did not come from the group cancels the same way, and is
       not raised);
     - a task started after :meth:`cancel` starts cancelled.
+
+    A task's scope has no parent scope (the task is not anyio's), so a cancellation
+    from outside reaches the tasks through :meth:`watch`, an anyio task of the
+    group's own scope (the one the body runs in): anyio cancels it at once, even
+    while the body is in a shielded section (a basic.cancel, a requeue), and it
+    cancels every task.
     """
 
     __slots__ = (
@@ -76,10 +82,10 @@ class AsyncioHandlers:
     def __init__(
         self,
         loop: asyncio.AbstractEventLoop,
-        new_scope: Callable[[], anyio.CancelScope],
+        new_scope: Callable[..., anyio.CancelScope],
         body: anyio.CancelScope,
     ) -> None:
-        self._create_task = loop.create_task
+        self._create_task = _task_starter(loop)
         self._new_scope = new_scope
         self._body = body
         #: The cancel scope of every task running.
@@ -130,25 +136,34 @@ class AsyncioHandlers:
         for scope in self._scopes:
             scope.cancel()
 
-    async def wait(self) -> None:
-        """Wait until no task runs, then take no more; a cancellation from outside
-        cancels them first (then waits for them, shielded) and is raised after."""
+    async def watch(self) -> None:
+        """Cancel every task once this task is cancelled (the group's scope, or one
+        around it, was); run in the group's own anyio task group."""
         try:
-            await self._wait()
+            await anyio.sleep_forever()
         finally:
-            self._closed = True
-
-    async def _wait(self) -> None:
-        if not self._running:
-            return
-        self._done = done = anyio.Event()
-        try:
-            await done.wait()
-        except BaseException:
             self.cancel()
-            with anyio.CancelScope(shield=True):
-                await done.wait()
-            raise
+
+    async def wait(self) -> BaseException | None:
+        """Wait until no task runs, then take no more.
+
+        Returns the cancellation that came from outside meanwhile, if any (the caller
+        raises it once done): it cancels the tasks, and the wait goes on, shielded,
+        until they have all ended, however many more come (asyncio's own
+        ``task.cancel()`` passes through a shield: it is waited out the same way).
+        """
+        cancelled: BaseException | None = None
+        while self._running:  # a task may start another before the last one ends
+            self._done = done = anyio.Event()
+            try:
+                with self._new_scope(shield=cancelled is not None):
+                    await done.wait()
+            except BaseException as exc:
+                self.cancel()
+                if cancelled is None:
+                    cancelled = exc
+        self._closed = True
+        return cancelled
 
     def raise_errors(self, body_error: BaseException | None) -> None:
         """Raise what the tasks raised, with ``body_error`` (what left the body of the
@@ -201,17 +216,46 @@ class Native:
         loop = importlib.import_module("asyncio").get_running_loop()
         new_scope = self._scope_class
         assert new_scope is not None
-        body = new_scope()
-        tasks = AsyncioHandlers(loop, new_scope, body)
         error: BaseException | None = None
+        tasks: AsyncioHandlers | None = None
         try:
-            with body:
-                yield HandlerGroup(tasks.start_soon, tasks.cancel)
-        except BaseException as exc:
-            tasks.cancel()
-            error = exc
-        await tasks.wait()
+            async with anyio.create_task_group() as group:
+                body = new_scope()  # a task's error cancels it (and it ends there)
+                tasks = AsyncioHandlers(loop, new_scope, body)
+                group.start_soon(tasks.watch)
+                try:
+                    with body:
+                        yield HandlerGroup(tasks.start_soon, tasks.cancel)
+                except BaseException as exc:
+                    tasks.cancel()
+                    error = exc
+                cancelled = await tasks.wait()
+                if error is None:
+                    error = cancelled
+                group.cancel_scope.cancel()  # ends the watch
+        except BaseException as exc:  # a cancellation from outside, raised again on exit
+            if error is None:
+                error = exc
+        assert tasks is not None
         tasks.raise_errors(error)
+
+
+def _task_starter(
+    loop: asyncio.AbstractEventLoop,
+) -> Callable[[Coroutine[Any, Any, None]], object]:
+    """``loop.create_task``, unless the loop's task factory starts tasks eagerly
+    (``asyncio.eager_task_factory``, Python 3.12+): a handler would then run inside
+    the connection's reader, which hands it the delivery. As anyio does, such a
+    factory is passed by: the task is constructed as a plain one."""
+    factory = loop.get_task_factory()
+    if factory is None or "eager" not in getattr(factory, "__qualname__", ""):
+        return loop.create_task
+    task_class = importlib.import_module("asyncio").Task
+
+    def start(coro: Coroutine[Any, Any, None]) -> object:
+        return task_class(coro, loop=loop)
+
+    return start
 
 
 def _scope_class() -> Callable[..., anyio.CancelScope]:

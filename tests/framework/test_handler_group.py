@@ -210,3 +210,115 @@ async def test_a_task_cancelled_by_asyncio_itself_cancels_the_rest_quietly() -> 
             finally:
                 events.append("body cancelled")
     assert sorted(events) == ["body cancelled", "task cancelled"]
+
+
+async def test_an_error_while_cancelled_from_outside_is_raised_not_lost() -> None:
+    """A task that fails as it is being cancelled (a bug in a settlement): the
+    cancellation from outside does not swallow the error."""
+
+    async def fails_when_cancelled() -> None:
+        try:
+            await anyio.sleep_forever()
+        finally:
+            raise ValueError("settlement bug")
+
+    async def run() -> None:
+        with anyio.CancelScope() as outer:
+            async with Native().task_group() as group:
+                group.start_soon(fails_when_cancelled)
+                await anyio.sleep(0.01)
+                outer.cancel()
+                await anyio.sleep_forever()
+
+    with anyio.fail_after(5), pytest.raises(BaseExceptionGroup) as caught:
+        await run()
+    assert [str(exc) for exc in caught.value.exceptions] == ["settlement bug"]
+
+
+async def test_a_cancellation_from_outside_reaches_the_tasks_while_the_body_is_shielded() -> None:
+    """The body in a shielded section (a basic.cancel, a requeue) when the App is
+    cancelled from outside: the tasks are cancelled at once, not once it is over."""
+    events: list[str] = []
+    native = Native()
+    with anyio.CancelScope() as outer:
+        async with native.task_group() as group:
+            group.start_soon(until_cancelled, events, "task cancelled")
+            await anyio.sleep(0.01)
+            with anyio.CancelScope(shield=True):
+                outer.cancel()
+                await anyio.sleep(0.2)
+                events.append("shielded section over")
+            await anyio.sleep_forever()
+    assert events == ["task cancelled", "shielded section over"]
+
+
+async def test_a_task_started_while_the_group_waits_is_waited_for() -> None:
+    order: list[str] = []
+
+    async def late() -> None:
+        await anyio.sleep(0.02)
+        order.append("late ended")
+
+    async def starts_another(group: HandlerGroup) -> None:
+        await anyio.sleep(0.01)
+        group.start_soon(late)
+        order.append("first ended")
+
+    async with Native().task_group() as group:
+        group.start_soon(starts_another, group)
+    order.append("group exited")
+    assert order == ["first ended", "late ended", "group exited"]
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_the_wait_holds_against_asyncio_cancelling_the_host_again() -> None:
+    """``task.cancel()`` passes through anyio's shields: the group still waits for
+    its tasks, however many times the host is cancelled natively."""
+    import asyncio
+
+    events: list[str] = []
+
+    async def settles() -> None:
+        try:
+            await anyio.sleep_forever()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await anyio.sleep(0.05)
+                events.append("task ended")
+
+    async def host() -> None:
+        async with Native().task_group() as group:
+            group.start_soon(settles)
+            await anyio.sleep_forever()
+        events.append("not reached")
+
+    task = asyncio.ensure_future(host())
+    for _ in range(3):
+        await asyncio.sleep(0.01)
+        task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    events.append("group exited")
+    assert events == ["task ended", "group exited"]
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_a_task_started_between_the_last_end_and_the_wake_up_is_waited_for() -> None:
+    """The last task ends, and before the waiting body resumes a callback (the
+    connection's reader) starts another: the group waits for that one too."""
+    import asyncio
+
+    order: list[str] = []
+
+    async def late() -> None:
+        await anyio.sleep(0.02)
+        order.append("late ended")
+
+    async def last(group: HandlerGroup) -> None:
+        await anyio.sleep(0.01)
+        asyncio.get_running_loop().call_soon(group.start_soon, late)
+
+    async with Native().task_group() as group:
+        group.start_soon(last, group)
+    order.append("group exited")
+    assert order == ["late ended", "group exited"]
