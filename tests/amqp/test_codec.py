@@ -359,6 +359,22 @@ def test_the_plan_cache_is_bounded_and_decoding_goes_on_past_it() -> None:
     assert len(_codec._PLANS) == _codec._PLANS_MAX
 
 
+def test_the_plan_cache_keeps_only_property_bits_of_headers_that_decoded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(_codec, "_PLANS", {})
+    # message_id that is not UTF-8: no plan kept for a header that failed
+    with pytest.raises(ValueError, match="not UTF-8"):
+        decode_properties(b"\x00\x80\x02\xff\xfe")
+    assert _codec._PLANS == {}
+    # delivery_mode, with the continuation bit and the reserved bit set and two more
+    # flag words (which name no property): one key, the property bits alone
+    back = decode_properties(b"\x10\x03" + b"\xff\xff" + b"\x00\x00" + b"\x02")
+    assert back.delivery_mode == 2
+    assert back == decode_properties(b"\x10\x00\x02")
+    assert list(_codec._PLANS) == [0x1000]
+
+
 def test_properties_that_are_not_utf8_are_a_value_error() -> None:
     with pytest.raises(ValueError, match="not UTF-8"):
         decode_properties(b"\x00\x80\x02\xff\xfe")  # message_id

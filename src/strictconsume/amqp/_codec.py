@@ -302,19 +302,18 @@ _PROPERTIES: Final = tuple(
 _Plan = tuple[tuple[str, _Reader], ...]
 # The readers for each flags value seen, in encoding order: a few flag sets cover
 # almost every message (a publisher sets the same properties each time), so the walk
-# over all 14 properties is done once per set. Bounded: past _PLANS_MAX distinct
-# values (bits no property has, more flag words) a plan is made for each call.
+# over all 14 properties is done once per set, keyed by the property bits alone
+# (not the continuation bit, not further flag words), and kept only once its values
+# decoded. Bounded: past _PLANS_MAX distinct sets a plan is made for each call.
 _PLANS: Final[dict[int, _Plan]] = {}
 _PLANS_MAX: Final = 256
+_PROPERTY_BITS: Final = sum(flag for _, flag, _ in _PROPERTIES)
 
 
 def _plan(flags: int) -> _Plan:
-    plan = tuple(
+    return tuple(
         (name, _PROPERTY_READERS[kind]) for name, flag, kind in _PROPERTIES if flags & flag
     )
-    if len(_PLANS) < _PLANS_MAX:
-        _PLANS[flags] = plan
-    return plan
 
 
 _new: Final = object.__new__
@@ -352,25 +351,24 @@ def decode_properties(data: bytes, pos: int = 0) -> commands.Basic.Properties:
         ValueError: a value cannot be decoded (see the module notes).
     """
     try:
-        (flags,) = _FLAGS.unpack_from(data, pos)
+        (partial,) = _FLAGS.unpack_from(data, pos)
         pos += 2
-        if flags & 1:  # the lowest bit says another flag word follows
-            word = 0
-            partial = flags
-            while partial & 1:
-                word += 1
-                (partial,) = _FLAGS.unpack_from(data, pos)
-                pos += 2
-                flags |= partial << (16 * word)
+        # The properties of the basic class are bits 15 to 2 of the first flag word;
+        # its lowest bit says another word follows, and those name no property.
+        flags = partial & _PROPERTY_BITS
+        while partial & 1:
+            (partial,) = _FLAGS.unpack_from(data, pos)
+            pos += 2
         properties = _blank_properties()
         if not flags:
             return properties
-        plan = _PLANS.get(flags)
-        if plan is None:
-            plan = _plan(flags)
+        cached = _PLANS.get(flags)
+        plan = _plan(flags) if cached is None else cached
         for name, reader in plan:
             value, pos = reader(data, pos)
             setattr(properties, name, value)
+        if cached is None and len(_PLANS) < _PLANS_MAX:
+            _PLANS[flags] = plan  # only a flag set whose values decoded
     except (struct.error, IndexError) as exc:
         raise ValueError(f"the message properties are truncated ({exc})") from exc
     except UnicodeDecodeError as exc:
