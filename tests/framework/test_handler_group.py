@@ -17,6 +17,12 @@ from strictconsume._native import HandlerGroup, Native
 pytestmark = pytest.mark.anyio
 
 
+async def ends_later(log: list[str], entry: str) -> None:
+    """Sleep 20 ms; then note ``entry`` in ``log``."""
+    await anyio.sleep(0.02)
+    log.append(entry)
+
+
 async def until_cancelled(log: list[str], entry: str) -> None:
     """Sleep until cancelled; then note ``entry`` in ``log``."""
     try:
@@ -159,22 +165,6 @@ async def test_no_task_starts_once_the_group_has_ended() -> None:
         kept[0].start_soon(anyio.sleep, 0)
 
 
-async def test_a_task_may_start_another_while_the_group_runs() -> None:
-    order: list[str] = []
-
-    async def child() -> None:
-        await anyio.sleep(0.01)
-        order.append("child")
-
-    async def parent(group: HandlerGroup) -> None:
-        group.start_soon(child)
-        order.append("parent")
-
-    async with Native().task_group() as group:
-        group.start_soon(parent, group)
-    assert order == ["parent", "child"]
-
-
 async def test_the_scopes_of_native_are_plain_anyio_scopes() -> None:
     """A scope from ``Native.cancel_scope`` is cancelled by its deadline and nests
     with anyio's own, on both backends."""
@@ -255,13 +245,9 @@ async def test_a_cancellation_from_outside_reaches_the_tasks_while_the_body_is_s
 async def test_a_task_started_while_the_group_waits_is_waited_for() -> None:
     order: list[str] = []
 
-    async def late() -> None:
-        await anyio.sleep(0.02)
-        order.append("late ended")
-
     async def starts_another(group: HandlerGroup) -> None:
         await anyio.sleep(0.01)
-        group.start_soon(late)
+        group.start_soon(ends_later, order, "late ended")
         order.append("first ended")
 
     async with Native().task_group() as group:
@@ -310,13 +296,9 @@ async def test_a_task_started_between_the_last_end_and_the_wake_up_is_waited_for
 
     order: list[str] = []
 
-    async def late() -> None:
-        await anyio.sleep(0.02)
-        order.append("late ended")
-
     async def last(group: HandlerGroup) -> None:
         await anyio.sleep(0.01)
-        asyncio.get_running_loop().call_soon(group.start_soon, late)
+        asyncio.get_running_loop().call_soon(group.start_soon, ends_later, order, "late ended")
 
     async with Native().task_group() as group:
         group.start_soon(last, group)
