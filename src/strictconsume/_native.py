@@ -216,12 +216,11 @@ class Native:
         loop = importlib.import_module("asyncio").get_running_loop()
         new_scope = self._scope_class
         assert new_scope is not None
+        body = new_scope()  # a task's error cancels it (and it ends there)
+        tasks = AsyncioHandlers(loop, new_scope, body)
         error: BaseException | None = None
-        tasks: AsyncioHandlers | None = None
         try:
             async with anyio.create_task_group() as group:
-                body = new_scope()  # a task's error cancels it (and it ends there)
-                tasks = AsyncioHandlers(loop, new_scope, body)
                 group.start_soon(tasks.watch)
                 try:
                     with body:
@@ -236,7 +235,6 @@ class Native:
         except BaseException as exc:  # a cancellation from outside, raised again on exit
             if error is None:
                 error = exc
-        assert tasks is not None
         tasks.raise_errors(error)
 
 
