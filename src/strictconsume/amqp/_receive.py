@@ -241,11 +241,11 @@ def _whole_delivery(
     conn.events.append(
         Delivery(
             channel_id,
-            consumer_tag or "",
-            delivery_tag or 0,
+            consumer_tag,
+            delivery_tag,
             redelivered,
             exchange,
-            routing_key or "",
+            routing_key,
             properties,
             body,
         )
